@@ -1,0 +1,46 @@
+"""Engine configuration: every user-facing knob, validated once at construction."""
+
+from __future__ import annotations
+
+import attrs
+
+
+def _positive(_inst, attr, value):
+    if value is not None and value < 1:
+        raise ValueError(f"{attr.name} must be a positive integer, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class EngineConfig:
+    """Arguments of ``kunserve.LLM`` / ``LLMEngine``, named as vLLM's engine arguments.
+
+    KV capacity: ``num_kv_blocks`` if given, else ``kv_cache_memory_bytes`` (default: 1 GiB on
+    CPU) divided by the bytes of one block, capped at what ``max_num_seqs`` full-length requests
+    could ever use.
+    """
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    load_format: str = attrs.field(default="auto")
+    seed: int = 0
+    block_size: int = attrs.field(default=16, validator=_positive)
+    num_kv_blocks: int | None = attrs.field(default=None, validator=_positive)
+    kv_cache_memory_bytes: int | None = attrs.field(default=None, validator=_positive)
+    max_model_len: int | None = attrs.field(default=None, validator=_positive)
+    max_num_seqs: int = attrs.field(default=256, validator=_positive)
+    max_num_batched_tokens: int = attrs.field(default=2048, validator=_positive)
+
+    @load_format.validator
+    def _check_load_format(self, _attr, value):
+        if value not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {value!r}")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
+        known = {a.name for a in attrs.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s) {unknown}; accepted: {sorted(known - {'model'})}")
+        return cls(model=model, **kwargs)

@@ -1,0 +1,1 @@
+"""Mechanism: memory, KV cache, attention, scheduling, model execution."""

@@ -1,0 +1,73 @@
+"""Paged KV-cache bookkeeping on the CPU: which physical block holds which request's tokens."""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class BlockManager:
+    """Owns the free-block queue, per-block reference counts and per-request block tables.
+
+    Invariants: a block is in the free queue iff its ref count is 0; a request's block table
+    holds ``ceil(tokens / block_size)`` blocks for the tokens allocated so far. Free blocks are
+    handed out from the front of the queue (lowest ids first on a fresh pool) and freed blocks
+    return to the back, so ids are deterministic and testable.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._ref_counts = [0] * num_blocks
+        self._tables: dict[str, list[int]] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self._tables.get(request_id, [])
+
+    def blocks_needed(self, request_id: str, num_tokens: int) -> int:
+        """Extra blocks ``request_id`` needs so that ``num_tokens`` tokens fit."""
+        have = len(self._tables.get(request_id, ()))
+        return max(0, -(-num_tokens // self.block_size) - have)
+
+    def can_allocate(self, request_id: str, num_tokens: int) -> bool:
+        return self.blocks_needed(request_id, num_tokens) <= len(self._free)
+
+    def allocate(self, request_id: str, num_tokens: int) -> list[int]:
+        """Grow the request's table to hold ``num_tokens``; returns the new block ids."""
+        need = self.blocks_needed(request_id, num_tokens)
+        if need > len(self._free):
+            raise RuntimeError(
+                f"request {request_id} needs {need} blocks but only {len(self._free)} are free"
+            )
+        new = [self._free.popleft() for _ in range(need)]
+        for block in new:
+            self._ref_counts[block] = 1
+        self._tables.setdefault(request_id, []).extend(new)
+        return new
+
+    def share(self, src_request_id: str, dst_request_id: str) -> None:
+        """Let ``dst`` use ``src``'s blocks too (e.g. a common prefix): ref counts go up."""
+        if dst_request_id in self._tables:
+            raise ValueError(f"request {dst_request_id} already has blocks")
+        table = list(self._tables.get(src_request_id, ()))
+        for block in table:
+            self._ref_counts[block] += 1
+        self._tables[dst_request_id] = table
+
+    def free(self, request_id: str) -> None:
+        """Release the request's blocks; blocks no other request references become free."""
+        for block in self._tables.pop(request_id, ()):
+            self._ref_counts[block] -= 1
+            assert self._ref_counts[block] >= 0, f"block {block} freed twice"
+            if self._ref_counts[block] == 0:
+                self._free.append(block)

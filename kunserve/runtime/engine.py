@@ -1,0 +1,233 @@
+"""One serving instance: model + paged KV cache + scheduler, stepped by its owner.
+
+A request flows: ``add_request`` (validate, tokenize) → scheduler waiting queue → ``step()``
+(schedule → model runner forward + sample → scheduler update → detokenize / stop strings) →
+``RequestOutput`` objects for every request that produced a token or finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import attrs
+import torch
+
+from kunserve.config import EngineConfig
+from kunserve.models import ModelConfig, build_model, load_dummy, load_safetensors, parse_dtype, resolve_model_dir
+from kunserve.outputs import CompletionOutput, RequestOutput
+from kunserve.runtime.block_manager import BlockManager
+from kunserve.runtime.kv_cache import PagedKVCache, kv_block_bytes
+from kunserve.runtime.model_runner import ModelRunner
+from kunserve.runtime.request import Request, RequestStatus
+from kunserve.runtime.scheduler import Scheduler
+from kunserve.sampling_params import SamplingParams
+from kunserve.tokenizer import find_stop_string, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+_CPU_DEFAULT_KV_BYTES = 1 << 30
+_GPU_KV_FRACTION_OF_FREE = 0.85
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    dtype = model_dtype if name == "auto" else parse_dtype(name)
+    if name == "auto" and dtype == torch.float16 and device.type == "cpu":
+        log.warning("checkpoint is float16, which is ~100x slower on CPU; using bfloat16 instead")
+        dtype = torch.bfloat16
+    return dtype
+
+
+class LLMEngine:
+    """A single instance holding all layers of one model.
+
+    Invariant: every request id in the scheduler is also in ``self.requests`` until it
+    finishes and its final output is returned by ``step``.
+    """
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_dir = resolve_model_dir(config.model)
+        model_config = ModelConfig.from_dir(self.model_dir)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, model_config.dtype, self.device)
+        self.model_config = attrs.evolve(model_config, dtype=self.dtype)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.model = self._load_model()
+        self.tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else self.model_dir)
+        self.eos_token_ids = self._eos_token_ids()
+        num_blocks = self._num_kv_blocks()
+        self.kv_cache = PagedKVCache.allocate(
+            num_blocks, self.model.layer_ids, config.block_size, self.model_config.num_kv_heads,
+            self.model_config.head_dim, self.dtype, self.device,
+        )
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, self.device, config.seed)
+        self.requests: dict[str, Request] = {}
+        self._text_len: dict[str, int] = {}
+        self._ids = itertools.count()
+        log.info(
+            "engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_model_len %d",
+            self.model_config.architecture, self.device, self.dtype, num_blocks, config.block_size,
+            self.max_model_len,
+        )
+
+    # -- construction ------------------------------------------------------------------------
+    def _load_model(self):
+        with torch.device("meta"):
+            model = build_model(self.model_config)
+        load_format = self.config.load_format
+        if load_format == "dummy":
+            load_dummy(model, self.dtype, self.device, seed=self.config.seed)
+        else:
+            load_safetensors(model, self.model_dir, self.dtype, self.device)
+        return model.eval()
+
+    def _eos_token_ids(self) -> tuple[int, ...]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(sorted(ids))
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        block_bytes = kv_block_bytes(
+            len(self.model.layer_ids), cfg.block_size, self.model_config.num_kv_heads,
+            self.model_config.head_dim, self.dtype,
+        )
+        blocks_for_max_len = -(-self.max_model_len // cfg.block_size)
+        if cfg.num_kv_blocks is not None:
+            num_blocks = cfg.num_kv_blocks
+        else:
+            num_blocks = min(self._kv_budget_bytes() // block_bytes, cfg.max_num_seqs * blocks_for_max_len)
+        if num_blocks < blocks_for_max_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks x {cfg.block_size} = "
+                f"{num_blocks * cfg.block_size} tokens, fewer than max_model_len "
+                f"({self.max_model_len}); lower max_model_len or give the KV cache more memory "
+                f"(num_kv_blocks / kv_cache_memory_bytes)"
+            )
+        return num_blocks
+
+    def _kv_budget_bytes(self) -> int:
+        if self.config.kv_cache_memory_bytes is not None:
+            return self.config.kv_cache_memory_bytes
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            return int(free * _GPU_KV_FRACTION_OF_FREE)
+        return _CPU_DEFAULT_KV_BYTES
+
+    # -- requests ----------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"{self.model_dir} has no tokenizer, so prompts must be token-id lists"
+                )
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def validate_prompt(self, token_ids: list[int]) -> None:
+        """Raise ValueError if a prompt can never be served; the engine state is untouched."""
+        if not token_ids:
+            raise ValueError("the prompt is empty; send at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens but max_model_len is {self.max_model_len}; "
+                f"shorten the prompt to at most {self.max_model_len - 1} tokens"
+            )
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenize(prompt)
+        self.validate_prompt(token_ids)
+        limit = self.max_model_len
+        if params.max_tokens is not None:
+            limit = min(limit, len(token_ids) + params.max_tokens)
+        request = Request(
+            request_id, token_ids, params, limit, self.eos_token_ids,
+            prompt=prompt if isinstance(prompt, str) else None, arrival_time=arrival_time,
+        )
+        self.requests[request_id] = request
+        self._text_len[request_id] = 0
+        self.scheduler.add(request)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- stepping ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        sampled = self.runner.execute(plan)
+        self.scheduler.update(plan, sampled)
+        outputs = []
+        for request_id in sampled:
+            request = self.requests[request_id]
+            self._check_stop_strings(request)
+            outputs.append(self._output(request))
+            if request.status.finished:
+                del self.requests[request_id]
+                del self._text_len[request_id]
+        return outputs
+
+    def _check_stop_strings(self, request: Request) -> None:
+        stops = request.params.stop
+        if not stops or self.tokenizer is None or request.status.finished:
+            return
+        text = self._decode(request)
+        hit = find_stop_string(text, stops, self._text_len[request.request_id])
+        self._text_len[request.request_id] = len(text)
+        if hit is not None:
+            request.stop_reason = hit[1]
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+
+    def _decode(self, request: Request) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(
+            request.output_token_ids, skip_special_tokens=request.params.skip_special_tokens
+        )
+
+    def _output(self, request: Request) -> RequestOutput:
+        text = self._decode(request)
+        if isinstance(request.stop_reason, str):
+            text = text[: text.find(request.stop_reason)]
+        status = request.status
+        completion = CompletionOutput(
+            index=0, text=text, token_ids=request.output_token_ids,
+            finish_reason=status.value if status.finished else None, stop_reason=request.stop_reason,
+        )
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt,
+            prompt_token_ids=request.token_ids[: request.num_prompt_tokens],
+            outputs=[completion], finished=status.finished, metrics=request.metrics,
+        )
