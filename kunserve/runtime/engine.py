@@ -17,6 +17,7 @@ import torch
 from kunserve.config import EngineConfig
 from kunserve.models import ModelConfig, build_model, load_dummy, load_safetensors, parse_dtype, resolve_model_dir
 from kunserve.outputs import CompletionOutput, RequestOutput
+from kunserve.policy.snapshot import InstanceSnapshot
 from kunserve.runtime.block_manager import BlockManager
 from kunserve.runtime.kv_cache import PagedKVCache, kv_block_bytes
 from kunserve.runtime.model_runner import ModelRunner
@@ -183,6 +184,17 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def snapshot(self, instance_id: int = 0) -> InstanceSnapshot:
+        """Memory and queue state for the global manager's policies."""
+        bm, waiting = self.block_manager, self.scheduler.waiting
+        needed = [bm.blocks_needed(r.request_id, r.num_tokens) for r in waiting]
+        return InstanceSnapshot(
+            instance_id=instance_id, block_size=bm.block_size, num_blocks=bm.num_blocks,
+            num_free_blocks=bm.num_free_blocks, num_running=len(self.scheduler.running),
+            num_waiting=len(waiting), hol_blocks=needed[0] if needed else 0,
+            queued_blocks=sum(needed), num_preemptions=self.scheduler.num_preemptions,
+        )
 
     # -- stepping ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
