@@ -16,7 +16,8 @@ class EngineConfig:
 
     KV capacity: ``num_kv_blocks`` if given, else ``kv_cache_memory_bytes`` (default: 1 GiB on
     CPU) divided by the bytes of one block, capped at what ``max_num_seqs`` full-length requests
-    could ever use.
+    could ever use. ``memory="auto"`` uses the unified VMM allocator when the device has one
+    (always on CPU; on CUDA with cuda-bindings installed).
     """
 
     model: str
@@ -24,6 +25,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     load_format: str = attrs.field(default="auto")
+    memory: str = attrs.field(default="auto")
     seed: int = 0
     block_size: int = attrs.field(default=16, validator=_positive)
     num_kv_blocks: int | None = attrs.field(default=None, validator=_positive)
@@ -36,6 +38,14 @@ class EngineConfig:
     def _check_load_format(self, _attr, value):
         if value not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {value!r}")
+
+    @memory.validator
+    def _check_memory(self, _attr, value):
+        if value not in ("auto", "vmm", "torch"):
+            raise ValueError(
+                f"memory must be 'auto', 'vmm' (unified allocator: weights can be dropped into the "
+                f"KV cache) or 'torch' (plain tensors), got {value!r}"
+            )
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

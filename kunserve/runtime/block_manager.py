@@ -71,3 +71,44 @@ class BlockManager:
             assert self._ref_counts[block] >= 0, f"block {block} freed twice"
             if self._ref_counts[block] == 0:
                 self._free.append(block)
+
+    # -- capacity changes (the unified allocator grows or shrinks the KV cache at its tail) --------
+    def add_blocks(self, count: int) -> None:
+        """New block ids ``[num_blocks, num_blocks + count)`` join the pool as free blocks."""
+        assert count >= 0
+        self._free.extend(range(self.num_blocks, self.num_blocks + count))
+        self._ref_counts.extend([0] * count)
+        self.num_blocks += count
+
+    def can_vacate_from(self, cut: int) -> bool:
+        """True if every used block >= ``cut`` can move to a free block below it."""
+        used_above = sum(1 for b in range(cut, self.num_blocks) if self._ref_counts[b])
+        free_below = sum(1 for b in self._free if b < cut)
+        return used_above <= free_below
+
+    def vacate_from(self, cut: int) -> list[tuple[int, int]]:
+        """Move every used block >= ``cut`` to a free block below it, updating block tables.
+
+        Returns ``(old, new)`` pairs; the caller copies the KV data. Requires
+        ``can_vacate_from(cut)``.
+        """
+        assert self.can_vacate_from(cut)
+        targets = deque(b for b in self._free if b < cut)
+        moves = {b: targets.popleft() for b in range(cut, self.num_blocks) if self._ref_counts[b]}
+        if not moves:
+            return []
+        taken = set(moves.values())
+        self._free = deque(b for b in self._free if b not in taken)
+        for table in self._tables.values():
+            table[:] = [moves.get(b, b) for b in table]
+        for old, new in moves.items():
+            self._ref_counts[new], self._ref_counts[old] = self._ref_counts[old], 0
+            self._free.append(old)
+        return list(moves.items())
+
+    def truncate(self, cut: int) -> None:
+        """Drop block ids >= ``cut`` from the pool; they must all be free."""
+        assert all(self._ref_counts[b] == 0 for b in range(cut, self.num_blocks)), "vacate first"
+        self._free = deque(b for b in self._free if b < cut)
+        del self._ref_counts[cut:]
+        self.num_blocks = cut

@@ -18,8 +18,8 @@ from kunserve.config import EngineConfig
 from kunserve.models import ModelConfig, build_model, load_dummy, load_safetensors, parse_dtype, resolve_model_dir
 from kunserve.outputs import CompletionOutput, RequestOutput
 from kunserve.policy.snapshot import InstanceSnapshot
-from kunserve.runtime.block_manager import BlockManager
-from kunserve.runtime.kv_cache import PagedKVCache, kv_block_bytes
+from kunserve.runtime.instance_memory import InstanceMemory, vmm_available
+from kunserve.runtime.kv_cache import kv_block_bytes
 from kunserve.runtime.model_runner import ModelRunner
 from kunserve.runtime.request import Request, RequestStatus
 from kunserve.runtime.scheduler import Scheduler
@@ -61,15 +61,17 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, model_config.dtype, self.device)
         self.model_config = attrs.evolve(model_config, dtype=self.dtype)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        self.model = self._load_model()
+        with torch.device("meta"):
+            self.model = build_model(self.model_config)
         self.tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else self.model_dir)
         self.eos_token_ids = self._eos_token_ids()
         num_blocks = self._num_kv_blocks()
-        self.kv_cache = PagedKVCache.allocate(
-            num_blocks, self.model.layer_ids, config.block_size, self.model_config.num_kv_heads,
-            self.model_config.head_dim, self.dtype, self.device,
+        self.memory = InstanceMemory(
+            self.model, self.model_config.num_kv_heads, self.model_config.head_dim, self.dtype,
+            self.device, config.block_size, num_blocks, use_vmm=self._use_vmm(),
         )
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self._load_weights(self.memory.allocator)
+        self.kv_cache, self.block_manager = self.memory.kv_cache, self.memory.block_manager
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, self.device, config.seed)
         self.requests: dict[str, Request] = {}
@@ -82,15 +84,22 @@ class LLMEngine:
         )
 
     # -- construction ------------------------------------------------------------------------
-    def _load_model(self):
-        with torch.device("meta"):
-            model = build_model(self.model_config)
-        load_format = self.config.load_format
-        if load_format == "dummy":
-            load_dummy(model, self.dtype, self.device, seed=self.config.seed)
+    def _use_vmm(self) -> bool:
+        memory = self.config.memory
+        if memory == "auto":
+            if not vmm_available(self.device):
+                log.warning("cuda-bindings is not installed: weights cannot be dropped "
+                            "(pip install cuda-bindings to enable the unified allocator)")
+            return vmm_available(self.device)
+        return memory == "vmm"
+
+    def _load_weights(self, allocate) -> None:
+        """(Re)fill the model's parameters; ``allocate`` places them (None: plain tensors)."""
+        if self.config.load_format == "dummy":
+            load_dummy(self.model, self.dtype, self.device, seed=self.config.seed, allocate=allocate)
         else:
-            load_safetensors(model, self.model_dir, self.dtype, self.device)
-        return model.eval()
+            load_safetensors(self.model, self.model_dir, self.dtype, self.device, allocate=allocate)
+        self.model.eval()
 
     def _eos_token_ids(self) -> tuple[int, ...]:
         ids = set(self.model_config.eos_token_ids)
@@ -123,8 +132,20 @@ class LLMEngine:
             return self.config.kv_cache_memory_bytes
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
-            return int(free * _GPU_KV_FRACTION_OF_FREE)
+            weights = sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize
+            return int((free - weights) * _GPU_KV_FRACTION_OF_FREE)
         return _CPU_DEFAULT_KV_BYTES
+
+    # -- weights <-> KV cache ----------------------------------------------------------------
+    def drop_weights(self, units) -> int:
+        """Turn weight units this instance does not execute into KV blocks; new block count."""
+        return self.memory.drop_units(units)
+
+    def restore_weights(self, units, reload=None) -> int:
+        """Take weight units back from the KV cache; ``reload(allocate)`` refills them (default:
+        reload this model's parameters from the checkpoint)."""
+        reload = reload or self._load_weights
+        return self.memory.restore_units(units, self.scheduler.preempt_newest, reload)
 
     # -- requests ----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:

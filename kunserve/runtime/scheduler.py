@@ -84,7 +84,7 @@ class Scheduler:
         target = request.num_computed_tokens + num_tokens
         while not self.block_manager.can_allocate(request.request_id, target):
             victim = self.running.pop()
-            self._preempt(victim)
+            self.preempt(victim)
             preempted.append(victim.request_id)
             if victim is request:
                 return False
@@ -109,7 +109,15 @@ class Scheduler:
             request.metrics.first_scheduled_time = time.time()
         return ScheduledChunk(request, num_tokens)
 
-    def _preempt(self, request: Request) -> None:
+    def preempt_newest(self) -> bool:
+        """Preempt the newest running request (recompute later); False if none is running."""
+        if not self.running:
+            return False
+        self.preempt(self.running.pop())
+        return True
+
+    def preempt(self, request: Request) -> None:
+        """``request`` (already removed from ``running``) goes back to the head of the queue."""
         self.block_manager.free(request.request_id)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING

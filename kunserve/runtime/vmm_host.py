@@ -13,6 +13,7 @@ import bisect
 import ctypes
 import errno
 import functools
+import gc
 import logging
 import mmap
 import os
@@ -25,8 +26,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Backend", "HostBackend", "PhysicalChunk", "VirtualRange", "VMMError", "align_down",
-    "align_up",
+    "Backend", "HostBackend", "PhysicalChunk", "ViewRegistry", "VirtualRange", "VMMError",
+    "align_down", "align_up",
 ]
 
 
@@ -112,6 +113,35 @@ class VirtualRange:
         return True
 
 
+class ViewRegistry:
+    """Weak references to the exporters behind the tensor views of one address space.
+
+    Invariant: an exporter is alive exactly while some tensor shares its storage, so a live
+    weakref over a byte span means that span may still be read or written.
+    """
+
+    def __init__(self) -> None:
+        self._refs: list[tuple[int, int, weakref.ref]] = []
+        self._prune_at = 64
+
+    def add(self, start: int, end: int, exporter: object) -> None:
+        self._refs.append((start, end, weakref.ref(exporter)))
+        if len(self._refs) >= self._prune_at:  # amortised: dead refs never pile up unbounded
+            self._count(0, 0)
+            self._prune_at = 2 * len(self._refs) + 64
+
+    def live(self, start: int, end: int) -> int:
+        """How many live views overlap [start, end)."""
+        if self._count(start, end) == 0:
+            return 0
+        gc.collect()  # views trapped in reference cycles only die in a collection
+        return self._count(start, end)
+
+    def _count(self, start: int, end: int) -> int:
+        self._refs = [r for r in self._refs if r[2]() is not None]
+        return sum(1 for s, e, _ in self._refs if s < end and start < e)
+
+
 class Backend:
     """Common checks and bookkeeping; subclasses supply the raw calls (`_map_one`, ...).
 
@@ -154,6 +184,8 @@ class Backend:
     def map(self, vrange: VirtualRange, offset: int, chunks: Sequence[PhysicalChunk]) -> None:
         """Map `chunks` back to back from `offset`, then grant read/write once for the run."""
         total = sum(c.nbytes for c in chunks)
+        if not chunks:
+            return
         self._check_span(vrange, offset, total)
         hit = vrange.chunk_at(offset)
         nxt = bisect.bisect_left(vrange.starts, offset)
