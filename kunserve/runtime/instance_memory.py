@@ -54,6 +54,9 @@ class InstanceMemory:
             storage = torch.zeros((num_blocks, *self.block_shape), dtype=dtype, device=device)
         self.kv_cache = PagedKVCache(storage, layer_ids, block_size)
         self.block_manager = BlockManager(num_blocks, block_size)
+        # The first mapping is rounded up to the allocator granularity; that slack joins the pool
+        # at the first drop and leaves it when every weight unit is back.
+        self.base_blocks = num_blocks
         self.executed_units = {weight_unit(name) for name, _ in model.named_parameters()}
 
     def _make_unified(self, model: nn.Module, num_blocks: int) -> torch.Tensor:
@@ -100,6 +103,8 @@ class InstanceMemory:
         self._require_unified()
         vacate = self.unified.blocks_to_vacate(units)
         cut = min(vacate[0], self.block_manager.num_blocks) if vacate else self.block_manager.num_blocks
+        if not set(self.unified.dropped) - set(units):
+            cut = min(cut, self.base_blocks)  # all weights back: the pool is as first configured
         while not self.block_manager.can_vacate_from(cut):
             if not preempt_newest():
                 raise RuntimeError(f"cannot vacate KV blocks >= {cut} for restoring {units}")

@@ -87,6 +87,7 @@ class CudaBackend(Backend):
         self.granularity = granularity
         self.total_bytes = torch.cuda.get_device_properties(self.device).total_memory
         self._access = self._access_desc()
+        self._run_unmap_works: bool | None = None  # None: not tried yet
 
     def _call(self, name: str, *args: Any) -> Any:
         result = getattr(self._cu, name)(*args)
@@ -142,6 +143,21 @@ class CudaBackend(Backend):
 
     def _unmap_one(self, addr: int, nbytes: int) -> None:
         self._call("cuMemUnmap", addr, nbytes)
+
+    def _unmap_run(self, addr: int, nbytes: int, pieces: list[tuple[int, int]]) -> None:
+        # The unmap cost is per call: one cuMemUnmap over a run of adjacent mappings, where the
+        # driver accepts it (learned on first use), else one call per chunk.
+        if len(pieces) > 1 and self._run_unmap_works is not False:
+            try:
+                self._unmap_one(addr, nbytes)
+                self._run_unmap_works = True
+                return
+            except VMMError as e:
+                if self._run_unmap_works:
+                    raise
+                self._run_unmap_works = False
+                logger.info("cuMemUnmap over a run of chunks refused (%s); unmapping per chunk", e.code)
+        super()._unmap_run(addr, nbytes, pieces)
 
     def _view(self, addr: int, nbytes: int, owner: VirtualRange) -> tuple[torch.Tensor, Any]:
         exporter = _CudaBytes(addr, nbytes, owner)

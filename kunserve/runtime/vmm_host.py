@@ -161,6 +161,11 @@ class Backend:
     def _map_one(self, addr: int, chunk: PhysicalChunk) -> None: raise NotImplementedError
     def _set_access(self, addr: int, nbytes: int) -> None: raise NotImplementedError
     def _unmap_one(self, addr: int, nbytes: int) -> None: raise NotImplementedError
+
+    def _unmap_run(self, addr: int, nbytes: int, pieces: list[tuple[int, int]]) -> None:
+        """Unmap adjacent chunks; backends that can do it in one call override this."""
+        for piece_addr, piece_bytes in pieces:
+            self._unmap_one(piece_addr, piece_bytes)
     def _view(self, addr: int, nbytes: int, owner: VirtualRange) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
 
@@ -221,8 +226,8 @@ class Backend:
                     f"chunks (no chunk fits at offset {at}); a chunk is unmapped whole")
             spans.append((at, chunk))
             at += chunk.nbytes
+        self._unmap_run(vrange.base + offset, nbytes, [(vrange.base + at, c.nbytes) for at, c in spans])
         for at, chunk in spans:
-            self._unmap_one(vrange.base + at, chunk.nbytes)
             del vrange.mapped[at]
             vrange.starts.remove(at)
         return [chunk for _, chunk in spans]

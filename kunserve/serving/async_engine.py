@@ -92,6 +92,7 @@ class AsyncEngine:
         self._stop_at: float | None = None  # guarded by _cond: abort what is left after this
         self._error: BaseException | None = None
         self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._outbox: list[tuple[_Stream, RequestOutput | BaseException]] = []  # engine thread only
         self._finished = Counter({"stop": 0, "length": 0, "abort": 0, "error": 0})
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -175,8 +176,6 @@ class AsyncEngine:
         except BaseException as e:  # a crashed step must not leave clients waiting forever
             log.exception("engine step failed; failing all requests")
             self._die(e)
-        finally:
-            self._publish_stats()
 
     def _iterate(self) -> bool:
         """Apply queued commands, then step once; False when the thread should exit."""
@@ -189,10 +188,11 @@ class AsyncEngine:
             self._apply(command)
         if stop_at is not None and (time.monotonic() >= stop_at or not self.engine.has_unfinished_requests()):
             self._abort_all()
+            self._flush()
             return False
         if self.engine.has_unfinished_requests():
             self._dispatch(self.engine.step())
-        self._publish_stats()
+        self._flush()
         return True
 
     def _apply(self, command: _Add | _Abort) -> None:
@@ -202,12 +202,12 @@ class AsyncEngine:
                 self._dispatch([output])
             return
         if command.request_id in self._streams:
-            self._deliver(command.stream, ValueError(f"request id {command.request_id!r} is already in use"))
+            self._outbox.append((command.stream, ValueError(f"request id {command.request_id!r} is already in use")))
             return
         try:
             self.engine.add_request(command.token_ids, command.params, command.request_id, command.arrival_time)
         except ValueError as e:  # e.g. an id the engine still holds; the request never started
-            self._deliver(command.stream, e)
+            self._outbox.append((command.stream, e))
             return
         self._streams[command.request_id] = command.stream
         self._prompt_tokens += len(command.token_ids)
@@ -219,18 +219,19 @@ class AsyncEngine:
                 self._streams.pop(output.request_id, None)
                 self._finished[output.outputs[0].finish_reason or "abort"] += 1
                 self._generation_tokens += len(output.outputs[0].token_ids)
-            if stream is not None and not self._deliver(stream, output) and not output.finished:
-                # the caller's event loop is gone: nobody will read this request
-                self._streams.pop(output.request_id, None)
-                self._dispatch([o for o in [self.engine.abort_request(output.request_id)] if o])
+            if stream is not None:
+                self._outbox.append((stream, output))
 
-    @staticmethod
-    def _deliver(stream: _Stream, item: RequestOutput | BaseException) -> bool:
-        try:
-            stream.loop.call_soon_threadsafe(stream.put, item)
-            return True
-        except RuntimeError:  # loop closed
-            return False
+    def _flush(self) -> None:
+        """Publish stats, then deliver: a caller holding an output sees stats at least as new."""
+        self._publish_stats()
+        outbox, self._outbox = self._outbox, []
+        for stream, item in outbox:
+            try:
+                stream.loop.call_soon_threadsafe(stream.put, item)
+            except RuntimeError:  # the caller's loop is closed: nobody will read this request
+                if isinstance(item, RequestOutput) and not item.finished:
+                    self._submit_abort(item.request_id)
 
     def _abort_all(self) -> None:
         for request_id in list(self._streams):
@@ -238,7 +239,8 @@ class AsyncEngine:
             if output is not None:
                 self._dispatch([output])
             else:  # not in the engine (should not happen): still end the stream
-                self._fail(request_id, EngineUnavailableError("engine is shutting down"))
+                self._finished["error"] += 1
+                self._outbox.append((self._streams.pop(request_id), EngineUnavailableError("engine is shutting down")))
 
     def _die(self, error: BaseException) -> None:
         with self._cond:
@@ -248,15 +250,9 @@ class AsyncEngine:
         streams = [c.stream for c in pending if isinstance(c, _Add)] + list(self._streams.values())
         self._streams.clear()
         self._finished["error"] += len(streams)
-        self._publish_stats()  # before the errors go out, so callers see the counts at once
         failure = EngineUnavailableError(f"engine failed: {error!r}")
-        for stream in streams:
-            self._deliver(stream, failure)
-
-    def _fail(self, request_id: str, error: BaseException) -> None:
-        stream = self._streams.pop(request_id)
-        self._finished["error"] += 1
-        self._deliver(stream, error)
+        self._outbox.extend((stream, failure) for stream in streams)
+        self._flush()
 
     def _publish_stats(self) -> None:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
