@@ -1,0 +1,118 @@
+"""OpenAI-compatible server: ``torchrun --nproc-per-node N -m kunserve.serve --model PATH``.
+
+Every rank runs one instance. Rank 0 also runs the global manager (``ClusterDriver``: dispatch
+and memory monitor) and the HTTP server; ranks >= 1 serve rank 0's step commands. Without
+torchrun the same command serves one instance. Control messages travel on a gloo group
+(also on GPUs, where the default group is NCCL for tensors).
+
+Shutdown: torchrun forwards SIGINT/SIGTERM to every rank. Rank 0 stops accepting requests,
+ends in-flight ones (finished or aborted with an error), then tells the workers to exit;
+workers ignore the signal so they cannot leave rank 0 waiting on a dead peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+from kunserve.config import EngineConfig
+from kunserve.runtime.cluster import ClusterDriver, run_worker
+from kunserve.runtime.engine import LLMEngine, resolve_device
+
+log = logging.getLogger("kunserve.serve")
+
+# Idle servers send nothing for hours; a control receive must not time out meanwhile.
+_CONTROL_TIMEOUT = datetime.timedelta(days=365)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kunserve.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="local checkpoint directory or cached HF repo id")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    p.add_argument("--memory", default="auto", choices=["auto", "vmm", "torch"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def engine_config(args: argparse.Namespace, device: torch.device) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=str(device), load_format=args.load_format,
+        memory=args.memory, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        seed=args.seed,
+    )
+
+
+def init_cluster(world_size: int, device: torch.device):
+    """Join torchrun's process group; returns the gloo control group (None when alone)."""
+    if world_size == 1:
+        return None
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=_CONTROL_TIMEOUT)
+    return dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
+
+
+def rank_device(name: str) -> torch.device:
+    device = resolve_device(name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return device
+
+
+def serve_rank0(engine: LLMEngine, world_size: int, group, args: argparse.Namespace) -> None:
+    from kunserve.serving.api_server import run_server
+    from kunserve.serving.async_engine import AsyncEngine
+
+    driver = ClusterDriver(engine, world_size, group)
+    client = AsyncEngine(driver)
+    log.info("serving %s on http://%s:%d with %d instance(s)", args.model, args.host, args.port, world_size)
+    try:
+        run_server(client, args.host, args.port, args.served_model_name or args.model)
+    finally:
+        driver.shutdown()  # the engine thread has exited: release the workers
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s: %(message)s")
+    device = rank_device(args.device)
+    group = init_cluster(world_size, device)
+    engine = LLMEngine(engine_config(args, device))
+    if rank == 0:
+        serve_rank0(engine, world_size, group, args)
+    else:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # rank 0 decides when the cluster stops
+        run_worker(engine, rank, group)
+    if world_size > 1:
+        dist.destroy_process_group()
+    log.info("rank %d exited cleanly", rank)
+
+
+if __name__ == "__main__":
+    main()
