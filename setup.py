@@ -22,6 +22,6 @@ setup(
     extras_require={
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "gpu": ["triton>=3.0", "cuda-bindings>=12.6"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "httpx>=0.27", "openai>=1.30"],
     },
 )

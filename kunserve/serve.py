@@ -88,6 +88,11 @@ def serve_rank0(engine: LLMEngine, world_size: int, group, args: argparse.Namesp
 
     driver = ClusterDriver(engine, world_size, group)
     client = AsyncEngine(driver)
+    # uvicorn handles SIGINT/SIGTERM, then re-raises the signal with the handler it found at
+    # start; a no-op handler here keeps that re-raise from killing rank 0 before the workers
+    # have been released.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: log.info("signal %d: shutting down", signum))
     log.info("serving %s on http://%s:%d with %d instance(s)", args.model, args.host, args.port, world_size)
     try:
         run_server(client, args.host, args.port, args.served_model_name or args.model)

@@ -18,6 +18,7 @@ httpx = pytest.importorskip("httpx")
 from kunserve import LLM, EngineConfig, SamplingParams  # noqa: E402
 from kunserve.serving import AsyncEngine  # noqa: E402
 from kunserve.serving.api_server import build_app, make_server  # noqa: E402
+from kunserve.serving.metrics import render_metrics  # noqa: E402
 from kunserve.serving.protocol import TextDeltas  # noqa: E402
 
 MODEL = "tiny-llama"
@@ -31,10 +32,9 @@ def reference(llama_dir):
     return LLM(model=str(llama_dir), **ENGINE_ARGS)
 
 
-@pytest.fixture(scope="module")
-def server(llama_dir):
-    """(base url, AsyncEngine) of a live server; shut down (engine included) at module end."""
-    engine = AsyncEngine.from_config(EngineConfig(model=str(llama_dir), **ENGINE_ARGS))
+def start_server(llama_dir, **engine_kwargs):
+    """(server, thread, base url, AsyncEngine) of a live uvicorn server in a background thread."""
+    engine = AsyncEngine.from_config(EngineConfig(model=str(llama_dir), **ENGINE_ARGS), **engine_kwargs)
     srv = make_server(engine, served_model_name=MODEL, log_level="warning")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -44,7 +44,14 @@ def server(llama_dir):
     while not srv.started:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+    return srv, thread, f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    """(base url, AsyncEngine) of a live server; shut down (engine included) at module end."""
+    srv, thread, base, engine = start_server(llama_dir)
+    yield base, engine
     srv.should_exit = True
     thread.join(timeout=10)
     assert not thread.is_alive()
@@ -60,18 +67,14 @@ def greedy(max_tokens: int, **extra) -> dict:
     return {"model": MODEL, "temperature": 0, "max_tokens": max_tokens, **extra}
 
 
-def sse_events(response) -> list:
-    """Parsed `data:` payloads of an SSE response; the last one must be [DONE]."""
-    events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
-    assert events and events[-1] == "[DONE]", events[-3:]
-    return [json.loads(e) for e in events[:-1]]
-
-
 def stream(http, path: str, body: dict) -> list:
+    """Parsed `data:` payloads of an SSE response, which must end with [DONE]."""
     with http.stream("POST", path, json={**body, "stream": True}) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
-        return sse_events(r)
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
 
 
 def wait_idle(engine: AsyncEngine, timeout: float = 5.0) -> dict:
@@ -89,16 +92,13 @@ def wait_idle(engine: AsyncEngine, timeout: float = 5.0) -> dict:
 def test_completions_match_offline_llm(http, reference):
     expected = reference.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
     for prompt, ref in zip(PROMPTS, expected):
-        r = http.post("/v1/completions", json={**greedy(12), "prompt": prompt})
-        assert r.status_code == 200, r.text
-        body = r.json()
+        body = http.post("/v1/completions", json={**greedy(12), "prompt": prompt}).raise_for_status().json()
         assert body["object"] == "text_completion" and body["model"] == MODEL
         choice = body["choices"][0]
         assert choice["text"] == ref.outputs[0].text
         assert choice["finish_reason"] == ref.outputs[0].finish_reason
-        assert body["usage"] == {"prompt_tokens": len(ref.prompt_token_ids),
-                                 "completion_tokens": len(ref.outputs[0].token_ids),
-                                 "total_tokens": len(ref.prompt_token_ids) + len(ref.outputs[0].token_ids)}
+        p, c = len(ref.prompt_token_ids), len(ref.outputs[0].token_ids)
+        assert body["usage"] == {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 def test_token_id_prompts_match_offline_llm(http, reference):
@@ -179,8 +179,7 @@ def test_stop_strings_stream_and_truncate(http, reference):
 def test_max_tokens_defaults_to_what_fits(http):
     prompt = list(range(10, 40))
     body = http.post("/v1/completions", json={"prompt": prompt, "temperature": 0, "ignore_eos": True}).json()
-    assert body["usage"]["completion_tokens"] == 128 - len(prompt)
-    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 128 - len(prompt) and body["choices"][0]["finish_reason"] == "length"
 
 
 def test_models_health_and_metrics(http, server):
@@ -201,9 +200,8 @@ def test_models_health_and_metrics(http, server):
         return out
 
     before = samples()
-    for key in ['kunserve_requests_running{instance="0"}', 'kunserve_requests_waiting{instance="0"}',
-                'kunserve_kv_cache_usage{instance="0"}', 'kunserve_preemptions_total{instance="0"}']:
-        assert key in before
+    for name in ["requests_running", "requests_waiting", "kv_cache_usage", "preemptions_total"]:
+        assert f'kunserve_{name}{{instance="0"}}' in before
     http.post("/v1/completions", json={**greedy(3), "prompt": "Hello", "ignore_eos": True})
     http.post("/v1/completions", json={"prompt": "Hello", "model": "nope"})
     after = samples()
@@ -213,16 +211,27 @@ def test_models_health_and_metrics(http, server):
     assert after['kunserve_http_responses_total{code="404"}'] >= 1
 
 
+def test_render_metrics_of_an_extended_snapshot():
+    text = render_metrics({
+        "instances": {"0": {"requests_running": 2, "kv_cache_usage": 0.5}, "1": {"requests_running": 1}},
+        "requests_total": {"stop": 3}, "drops_total": {'a"b\\': 1}, "restore_seconds": float("nan"),
+        "note": "skipped", "healthy": True,
+    })
+    assert text.splitlines()[:4] == [
+        "# HELP kunserve_requests_running Requests holding KV blocks and being stepped.",
+        "# TYPE kunserve_requests_running gauge",
+        'kunserve_requests_running{instance="0"} 2', 'kunserve_requests_running{instance="1"} 1']
+    for line in ['kunserve_requests_total{finish_reason="stop"} 3', "# TYPE kunserve_drops_total counter",
+                 'kunserve_drops_total{key="a\\"b\\\\"} 1', "kunserve_restore_seconds NaN", "kunserve_healthy 1"]:
+        assert line in text.splitlines()
+    assert "note" not in text and text.endswith("\n")
+
+
 def test_health_503_when_the_client_is_unhealthy(server):
     from fastapi.testclient import TestClient
 
-    class Sick:
-        model_config, max_model_len, tokenizer = None, 128, None
-
-        def is_healthy(self) -> bool:
-            return False
-
-    r = TestClient(build_app(Sick(), MODEL)).get("/health")
+    sick = type("Sick", (), {"max_model_len": 128, "tokenizer": None, "is_healthy": lambda self: False})()
+    r = TestClient(build_app(sick, MODEL)).get("/health")
     assert r.status_code == 503 and r.json()["error"]["code"] == "unhealthy"
 
 
@@ -257,102 +266,89 @@ def test_64_concurrent_clients_all_get_complete_answers(server, reference):
     wait_idle(engine)
 
 
-def _ctx_error(kind: str) -> dict:
-    if kind == "chat":
-        return {"messages": [{"role": "user", "content": "x " * 100}], "max_tokens": 40}
-    return {"prompt": list(range(10, 110)), "max_tokens": 40}
-
-
-BAD_REQUESTS = [
-    # (path, raw body or json, status, message fragment)
-    ("/v1/completions", b'{"prompt": "x", ', 400, "not valid JSON"),
-    ("/v1/completions", b"[1, 2]", 400, "must be a JSON object"),
-    ("/v1/completions", {"model": MODEL}, 400, "missing required field 'prompt'"),
-    ("/v1/chat/completions", {"model": MODEL}, 400, "missing required field 'messages'"),
-    ("/v1/chat/completions", {"messages": "hi"}, 400, "'messages'"),
-    ("/v1/chat/completions", {"messages": []}, 400, "'messages'"),
-    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "missing required field 'messages.0.role'"),
-    ("/v1/completions", {"prompt": 5}, 400, "'prompt'"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "'max_tokens': Input should be a valid integer"),
-    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "'temperature'"),
-    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "The model `gpt-4` does not exist"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "gpt-4"),
-    ("/v1/completions", _ctx_error("completion"), 400,
-     "maximum context length is 128 tokens. However, you requested 140 tokens (100 in the prompt, 40 in the completion)"),
-    ("/v1/chat/completions", _ctx_error("chat"), 400, "maximum context length is 128 tokens"),
-    ("/v1/completions", {"prompt": list(range(10, 210))}, 400, "your prompt resulted in 200 tokens"),
-    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature must be >= 0"),
-    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p must be in (0, 1]"),
-    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be at least 1"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n=2 is not supported"),
-    ("/v1/completions", {"prompt": ""}, 400, "prompt is empty"),
-    ("/v1/completions", {"prompt": [5, 10**6]}, 400, "outside the vocabulary"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "batched prompts are not supported"),
-    ("/v1/completions", b'{"prompt": "' + b"x" * (1 << 20) + b'"}', 413, "exceeds the limit of 1048576 bytes"),
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+BAD_REQUESTS = [  # (path, raw body or json, status, message fragment)
+    (C, b'{"prompt": "x", ', 400, "not valid JSON"),
+    (C, b"[1, 2]", 400, "must be a JSON object"),
+    (C, {"model": MODEL}, 400, "missing required field 'prompt'"),
+    (CHAT, {"model": MODEL}, 400, "missing required field 'messages'"),
+    (CHAT, {"messages": "hi"}, 400, "'messages'"),
+    (CHAT, {"messages": []}, 400, "'messages'"),
+    (CHAT, {"messages": [{"content": "hi"}]}, 400, "missing required field 'messages.0.role'"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "'image_url' is not supported"),
+    (C, {"prompt": 5}, 400, "'prompt'"),
+    (C, {"prompt": "x", "max_tokens": "5"}, 400, "'max_tokens': Input should be a valid integer"),
+    (C, {"prompt": "x", "temperature": "hot"}, 400, "'temperature'"),
+    (C, {"prompt": "x", "model": "gpt-4"}, 404, "The model `gpt-4` does not exist"),
+    (CHAT, {"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "gpt-4"),
+    (C, {"prompt": list(range(10, 110)), "max_tokens": 40}, 400, "maximum context length is 128 tokens. "
+     "However, you requested 140 tokens (100 in the prompt, 40 in the completion)"),
+    (CHAT, {"messages": [{"role": "user", "content": "x " * 100}]}, 400, "maximum context length is 128 tokens"),
+    (C, {"prompt": list(range(10, 210))}, 400, "your prompt resulted in 200 tokens"),
+    (C, {"prompt": "x", "temperature": -1}, 400, "temperature must be >= 0"),
+    (C, {"prompt": "x", "top_p": 0}, 400, "top_p must be in (0, 1]"),
+    (C, {"prompt": "x", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
+    (C, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be at least 1"),
+    (C, {"prompt": "x", "n": 2}, 400, "n=2 is not supported"),
+    (C, {"prompt": ""}, 400, "prompt is empty"),
+    (C, {"prompt": [5, 10**6]}, 400, "outside the vocabulary"),
+    (C, {"prompt": ["a", "b"]}, 400, "batched prompts are not supported"),
+    (C, b'{"prompt": "' + b"x" * (1 << 20) + b'"}', 413, "exceeds the limit of 1048576 bytes"),
     ("/v1/nothing", {}, 404, "Not Found"),
 ]
-
-
-def _send_bad(http, path, body):
-    if isinstance(body, bytes):
-        return http.post(path, content=body, headers={"content-type": "application/json"})
-    return http.post(path, json=body)
 
 
 def test_bad_requests_get_openai_errors_while_a_stream_continues(server, reference, http):
     base, _ = server
     alone = reference.generate(LONG_IDS, SamplingParams(temperature=0, max_tokens=110, ignore_eos=True),
                                use_tqdm=False)[0].outputs[0].text
-    got, errors = {}, []
+    runs, errors, done = [], [], threading.Event()
 
-    def run_stream():
+    def keep_streaming():  # back-to-back streams, so one is always in flight while errors go out
         with httpx.Client(base_url=base, timeout=30) as c:
-            got["chunks"] = stream(c, "/v1/completions", {**greedy(110), "prompt": LONG_IDS, "ignore_eos": True})
+            while not done.is_set() or not runs:
+                runs.append(stream(c, "/v1/completions", {**greedy(110), "prompt": LONG_IDS, "ignore_eos": True}))
 
-    streamer = threading.Thread(target=run_stream)
+    streamer = threading.Thread(target=keep_streaming)
     streamer.start()
     for path, body, status, fragment in BAD_REQUESTS:
-        r = _send_bad(http, path, body)
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = http.post(path, content=raw, headers={"content-type": "application/json"})
         err = r.json().get("error", {})
         if r.status_code != status or fragment not in err.get("message", ""):
             errors.append((path, body if not isinstance(body, bytes) else body[:40], r.status_code, r.text[:300]))
         assert set(err) == {"message", "type", "param", "code"}
     chunked = http.post("/v1/completions", content=iter([b"y" * 65536] * 20))  # no Content-Length
     assert chunked.status_code == 413
+    done.set()
     streamer.join(timeout=30)
     assert not errors, errors
-    assert "".join(c["choices"][0]["text"] for c in got["chunks"]) == alone
-    assert got["chunks"][-1]["choices"][0]["finish_reason"] == "length"
+    assert len(runs) >= 2
+    for chunks in runs:
+        assert "".join(c["choices"][0]["text"] for c in chunks) == alone
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
 # -- disconnects ---------------------------------------------------------------------------------
-def test_stream_disconnect_aborts_the_request(server, http):
-    _, engine = server
+def test_client_disconnect_aborts_the_request(server, http):
+    base, engine = server
     aborts = wait_idle(engine)["requests_total"]["abort"]
-    body = {**greedy(115), "prompt": LONG_IDS, "ignore_eos": True, "stream": True}
-    with http.stream("POST", "/v1/completions", json=body) as r:
-        lines = r.iter_lines()
+    body = {**greedy(115), "prompt": LONG_IDS, "ignore_eos": True}
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        lines = r.iter_lines()  # read two chunks, then hang up
         assert next(lines).startswith("data: ") and next(lines) == "" and next(lines).startswith("data: ")
-    snap = wait_idle(engine)
-    assert snap["requests_total"]["abort"] == aborts + 1
+    assert wait_idle(engine)["requests_total"]["abort"] == aborts + 1
     assert not engine.engine.has_unfinished_requests()
     assert engine.engine.block_manager.num_free_blocks == engine.engine.block_manager.num_blocks
 
-
-def test_non_streaming_disconnect_aborts_the_request(server):
-    base, engine = server
-    aborts = wait_idle(engine)["requests_total"]["abort"]
-
-    async def send_and_give_up():
+    async def send_and_give_up():  # non-streaming: the client goes away mid-request
         async with httpx.AsyncClient(base_url=base) as c:
-            task = asyncio.create_task(c.post("/v1/completions", json={
-                **greedy(115), "prompt": LONG_IDS, "ignore_eos": True}))
+            task = asyncio.create_task(c.post("/v1/completions", json=body))
             await asyncio.sleep(0.1)
-            task.cancel()  # closes the connection mid-request
+            task.cancel()
 
     asyncio.run(send_and_give_up())
-    assert wait_idle(engine)["requests_total"]["abort"] == aborts + 1
+    assert wait_idle(engine)["requests_total"]["abort"] == aborts + 2
 
 
 # -- official client -----------------------------------------------------------------------------
@@ -362,8 +358,7 @@ def test_openai_client(server, reference):
     messages = [{"role": "user", "content": "Hello, how are you?"}]
     ref = reference.chat(messages, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
     events = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True)
-    text = "".join(e.choices[0].delta.content or "" for e in events)
-    assert text == ref.outputs[0].text
+    assert "".join(e.choices[0].delta.content or "" for e in events) == ref.outputs[0].text
     done = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0)
     ref = reference.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
     assert done.choices[0].text == ref.outputs[0].text and done.usage.completion_tokens == 12
@@ -372,3 +367,32 @@ def test_openai_client(server, reference):
         client.completions.create(model="other", prompt="x")
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=500)
+
+
+# -- shutdown ------------------------------------------------------------------------------------
+def test_server_shutdown_ends_every_in_flight_request(llama_dir):
+    srv, thread, base, engine = start_server(llama_dir)
+    ended: list[str] = []
+
+    def client(i: int) -> None:
+        body = {**greedy(115), "prompt": LONG_IDS, "ignore_eos": True}
+        with httpx.Client(base_url=base, timeout=30) as c:
+            if i % 2:
+                r = c.post("/v1/completions", json=body)
+                ended.append("ok" if r.status_code == 200 else r.json()["error"]["code"])
+                return
+            events = stream(c, "/v1/completions", body)
+            ended.append("ok" if "choices" in events[-1] else events[-1]["error"]["code"])
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in clients:
+        t.start()
+    deadline = time.monotonic() + 5
+    while engine.metrics_snapshot()["instances"]["0"]["requests_running"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    srv.should_exit = True
+    for t in [thread, *clients]:
+        t.join(timeout=15)
+    assert not thread.is_alive() and not any(t.is_alive() for t in clients)
+    assert len(ended) == 6 and set(ended) <= {"ok", "aborted"} and "aborted" in ended, ended
+    assert not engine.is_healthy()

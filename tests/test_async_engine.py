@@ -203,6 +203,7 @@ def test_idle_thread_sleeps(make_engine):
     engine = make_engine()
     asyncio.run(collect(engine, PROMPTS[0], GREEDY, "warm"))
     wait_idle(engine)
+    time.sleep(0.2)  # let OpenMP worker threads stop spin-waiting after the last step
     cpu = time.process_time()
     time.sleep(0.3)
     assert time.process_time() - cpu < 0.1  # a spinning thread would burn ~0.3 s
@@ -219,3 +220,24 @@ def test_metrics_snapshot_counts(make_engine):
     inst = after["instances"]["0"]
     assert inst["kv_cache_total_blocks"] == 64 and inst["kv_cache_usage"] == 0.0
     assert inst["preemptions_total"] == 0
+
+
+def test_drives_a_single_rank_cluster_driver(llama_dir, reference):
+    """kunserve.serve wraps a ClusterDriver (engine-like surface) in AsyncEngine."""
+    from kunserve import LLMEngine
+    from kunserve.runtime.cluster import ClusterDriver
+
+    engine = AsyncEngine(ClusterDriver(LLMEngine(EngineConfig(model=str(llama_dir), **ENGINE_ARGS))))
+
+    async def main():
+        outs = await collect(engine, PROMPTS[1], GREEDY, "c")
+        gen = engine.generate(PROMPTS[0], LONG, "aborted-by-shutdown")
+        await anext(gen)
+        await engine.shutdown(0)
+        return outs, [o async for o in gen]
+
+    outs, rest = asyncio.run(main())
+    ref = reference.generate(PROMPTS[1], GREEDY, use_tqdm=False)[0]
+    assert outs[-1].outputs[0].token_ids == ref.outputs[0].token_ids
+    assert rest[-1].outputs[0].finish_reason == "abort"
+    assert set(engine.metrics_snapshot()["instances"]) == {"0"}

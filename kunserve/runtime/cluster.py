@@ -145,6 +145,10 @@ class ClusterDriver:
     def has_unfinished_requests(self) -> bool:
         return bool(self.owner)
 
+    def extra_metrics(self) -> dict:
+        """Cluster-level counters for /metrics (the drop mechanism adds drops and restores)."""
+        return {"cluster_instances": len(self.snapshots), "failed_steps_total": self.failed_steps}
+
     def step(self) -> list[RequestOutput]:
         commands = self._take_commands()
         for rank, command in commands.items():

@@ -28,7 +28,7 @@ from kunserve.serving.metrics import CONTENT_TYPE, render_metrics
 from kunserve.serving.protocol import (
     ChatCompletionRequest, CompletionRequest, EngineClient, EngineUnavailableError, Kind,
     TextDeltas, check_context_length, error_body, full_response, new_request_id, now,
-    stream_chunk, usage_chunk,
+    stream_chunk, usage_chunk, validation_message,
 )
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,9 @@ def _prompt_ids(client: EngineClient, body: CompletionRequest | ChatCompletionRe
             raise ApiError(400, "this model has no chat template; use /v1/completions", "messages")
         try:
             messages = [m.as_template_dict() for m in body.messages]
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages") from None
+        try:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         except Exception as e:  # template errors (e.g. raise_exception in Jinja) are the user's input
             raise ApiError(400, f"cannot apply the chat template: {e}", "messages") from None
@@ -292,30 +295,6 @@ async def _events(state: _State, job: _Job, first: RequestOutput, gen: AsyncIter
 
 
 # -- app ---------------------------------------------------------------------------------------------
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
-def _field_path(error: dict) -> list[str]:
-    """Location without "body" and pydantic's union-branch tags such as 'str' or 'list[int]'."""
-    parts = [str(p) for p in error.get("loc", ()) if p != "body"]
-    return [p for p in parts if "[" not in p and p not in _TYPE_TAGS]
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
-    bad_json = [e for e in errors if e.get("type") == "json_invalid"]
-    if bad_json:
-        return f"the request body is not valid JSON: {bad_json[0].get('ctx', {}).get('error', '')}", None
-    path = _field_path(errors[0])
-    if not path:
-        return "the request body must be a JSON object (Content-Type: application/json)", None
-    where = ".".join(path)
-    if errors[0].get("type") == "missing":
-        return f"missing required field '{where}'", path[0]
-    same = dict.fromkeys(e.get("msg", "invalid value") for e in errors if _field_path(e) == path)
-    return f"'{where}': {'; or '.join(same)}", path[0]
-
-
 def build_app(client: EngineClient, served_model_name: str, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The OpenAI-compatible app serving ``client`` as model ``served_model_name``."""
     state = _State(client, served_model_name)
@@ -325,7 +304,7 @@ def build_app(client: EngineClient, served_model_name: str, max_body_bytes: int 
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)  # 400, not FastAPI's 422: OpenAI's contract
+        message, param = validation_message(exc.errors())  # 400, not FastAPI's 422: OpenAI's contract
         return state.error(400, message, param)
 
     @app.exception_handler(ApiError)

@@ -24,6 +24,8 @@ from kunserve.serving.protocol import EngineUnavailableError, check_context_leng
 
 log = logging.getLogger(__name__)
 
+_ABORT_STEPS = 3  # steps a shutting-down engine gets to hand back abort outputs
+
 
 class _Stream:
     """The asyncio side of one request: holds the newest undelivered output (or an error).
@@ -57,6 +59,8 @@ class _Stream:
 
 @attrs.frozen
 class _Add:
+    """Inbox command: start a request already validated in the caller."""
+
     request_id: str
     token_ids: list[int]
     params: SamplingParams
@@ -66,11 +70,14 @@ class _Add:
 
 @attrs.frozen
 class _Abort:
+    """Inbox command: abort a request; unknown or finished ids are ignored."""
+
     request_id: str
 
 
 class AsyncEngine:
-    """Drives one ``LLMEngine`` from a dedicated thread for asyncio callers.
+    """Drives one ``LLMEngine`` (or an engine-like ``ClusterDriver``: same add_request / step /
+    abort_request / snapshot surface) from a dedicated thread for asyncio callers.
 
     Invariants: only the engine thread calls the engine's mutating methods (``add_request``,
     ``step``, ``abort_request``); ``tokenize`` / ``validate_prompt`` are read-only and run in
@@ -79,13 +86,12 @@ class AsyncEngine:
     condition variable when it has nothing to do.
     """
 
-    def __init__(self, engine: LLMEngine, instance_id: str = "0", drain_timeout: float = 0.0):
+    def __init__(self, engine: LLMEngine, drain_timeout: float = 0.0):
         self.engine = engine
         self.drain_timeout = drain_timeout
         self.model_config = engine.model_config
         self.max_model_len = engine.max_model_len
         self.tokenizer = engine.tokenizer
-        self.instance_id = instance_id
         self._cond = threading.Condition()
         self._inbox: list[_Add | _Abort] = []
         self._accepting = True  # guarded by _cond
@@ -224,7 +230,10 @@ class AsyncEngine:
 
     def _flush(self) -> None:
         """Publish stats, then deliver: a caller holding an output sees stats at least as new."""
-        self._publish_stats()
+        try:
+            self._publish_stats()
+        except Exception:  # stats must never keep outputs (or errors) from their callers
+            log.exception("publishing engine stats failed")
         outbox, self._outbox = self._outbox, []
         for stream, item in outbox:
             try:
@@ -238,9 +247,14 @@ class AsyncEngine:
             output = self.engine.abort_request(request_id)
             if output is not None:
                 self._dispatch([output])
-            else:  # not in the engine (should not happen): still end the stream
-                self._finished["error"] += 1
-                self._outbox.append((self._streams.pop(request_id), EngineUnavailableError("engine is shutting down")))
+        # a cluster driver returns remote abort outputs from its next steps
+        for _ in range(_ABORT_STEPS):
+            if not (self._streams and self.engine.has_unfinished_requests()):
+                break
+            self._dispatch(self.engine.step())
+        for request_id in list(self._streams):  # still no end: say so rather than go silent
+            self._finished["error"] += 1
+            self._outbox.append((self._streams.pop(request_id), EngineUnavailableError("engine is shutting down")))
 
     def _die(self, error: BaseException) -> None:
         with self._cond:
@@ -255,18 +269,27 @@ class AsyncEngine:
         self._flush()
 
     def _publish_stats(self) -> None:
-        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
-        instance = {
-            "requests_running": len(scheduler.running),
-            "requests_waiting": len(scheduler.waiting),
-            "kv_cache_usage": blocks.usage,
-            "kv_cache_free_blocks": blocks.num_free_blocks,
-            "kv_cache_total_blocks": blocks.num_blocks,
-            "preemptions_total": scheduler.num_preemptions,
+        snap = self.engine.snapshot()  # LLMEngine: one InstanceSnapshot; ClusterDriver: all of them
+        instances = {
+            str(i.instance_id): {
+                "requests_running": i.num_running,
+                "requests_waiting": i.num_waiting,
+                "kv_cache_usage": i.kv_usage,
+                "kv_cache_free_blocks": i.num_free_blocks,
+                "kv_cache_total_blocks": i.num_blocks,
+                "memory_demand_blocks": i.memory_demand_blocks,
+                "queued_blocks": i.queued_blocks,
+                "preemptions_total": i.num_preemptions,
+            }
+            for i in getattr(snap, "instances", (snap,))
         }
-        self._stats = {
-            "instances": {self.instance_id: instance},
+        stats = {
+            "instances": instances,
             "requests_total": dict(self._finished),
             "prompt_tokens_total": self._prompt_tokens,
             "generation_tokens_total": self._generation_tokens,
         }
+        extra = getattr(self.engine, "extra_metrics", None)
+        if callable(extra):  # hook for the cluster's counters (drops, restores, failed steps)
+            stats.update(extra())
+        self._stats = stats

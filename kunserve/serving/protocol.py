@@ -74,16 +74,23 @@ def check_context_length(
 
 # -- request bodies -------------------------------------------------------------------------------
 class _Body(BaseModel):
+    """Base of request bodies. Invariant: a constructed body has exactly the declared types."""
+
     # strict: "5" is not an int and true is not 1 (OpenAI rejects both); unknown fields such as
     # ``user`` or ``presence_penalty`` are ignored like vLLM does.
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
 class StreamOptions(_Body):
+    """OpenAI ``stream_options``; ``include_usage`` adds a final chunk with ``usage``."""
+
     include_usage: bool = False
 
 
 class _SamplingFields(_Body):
+    """Fields shared by both endpoints; ``None`` means the OpenAI default (applied in
+    ``sampling_params``), so SamplingParams stays the one place that range-checks values."""
+
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -119,6 +126,8 @@ class _SamplingFields(_Body):
 
 
 class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions``. ``prompt`` may be a batch of one (``["text"]``, ``[[ids]]``)."""
+
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
@@ -141,11 +150,15 @@ class CompletionRequest(_SamplingFields):
 
 
 class ContentPart(_Body):
+    """One part of a multi-part message content; only ``type == "text"`` is served."""
+
     type: str
     text: str | None = None
 
 
 class ChatMessage(_Body):
+    """One chat message; extra keys (name, tool_calls) are ignored by the chat template input."""
+
     role: str
     content: str | list[ContentPart] | None = None
 
@@ -161,6 +174,8 @@ class ChatMessage(_Body):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``; at least one message."""
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -173,6 +188,31 @@ class ChatCompletionRequest(_SamplingFields):
         if self.logprobs:
             return "logprobs", "logprobs are not supported by this server"
         return None
+
+
+# -- validation messages -----------------------------------------------------------------------
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _field_path(error: dict) -> list[str]:
+    """Location without "body" and pydantic's union-branch tags such as 'str' or 'list[int]'."""
+    parts = [str(p) for p in error.get("loc", ()) if p != "body"]
+    return [p for p in parts if "[" not in p and p not in _TYPE_TAGS]
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) for pydantic / FastAPI validation errors of a request body."""
+    bad_json = [e for e in errors if e.get("type") == "json_invalid"]
+    if bad_json:
+        return f"the request body is not valid JSON: {bad_json[0].get('ctx', {}).get('error', '')}", None
+    path = _field_path(errors[0])
+    if not path:
+        return "the request body must be a JSON object (Content-Type: application/json)", None
+    where = ".".join(path)
+    if errors[0].get("type") == "missing":
+        return f"missing required field '{where}'", path[0]
+    same = dict.fromkeys(e.get("msg", "invalid value") for e in errors if _field_path(e) == path)
+    return f"'{where}': {'; or '.join(same)}", path[0]
 
 
 # -- responses ------------------------------------------------------------------------------------
