@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -18,69 +12,28 @@ httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
 
 from kunserve import LLM, SamplingParams  # noqa: E402
+from kunserve.bench._launch import LocalCluster  # noqa: E402
 
 MODEL = "tiny"
 ENGINE_ARGS = dict(num_kv_blocks=48, block_size=8, max_model_len=128)
 PROMPT_IDS = [[1 + (7 * i + 3 * j) % 300 for j in range(4 + 3 * i)] for i in range(8)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
-    """A torchrun process tree serving on a loopback port; stopped with SIGTERM."""
-
+class Cluster(LocalCluster):
     def __init__(self, model_dir, nproc: int):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "kunserve.serve", "--model", str(model_dir), "--served-model-name", MODEL,
-            "--port", str(self.port), "--num-kv-blocks", "48", "--block-size", "8", "--max-model-len", "128",
-            "--log-level", "INFO",
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.nproc = nproc
-        self._wait_healthy(timeout=180)
-
-    def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stdout.read().decode()[-3000:]
-            try:
-                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.kill()
-        raise AssertionError("cluster did not become healthy")
+        super().__init__(model_dir, nproc, ["--num-kv-blocks", "48", "--block-size", "8", "--max-model-len", "128"],
+                         served_model_name=MODEL, startup_timeout_s=180)
+        self.base = self.base_url
 
     def ranks(self) -> list:
-        return psutil.Process(self.proc.pid).children(recursive=True)
+        return self.child_processes()
 
-    def stop(self, timeout: float = 60) -> tuple[int, list, str]:
+    def stop(self, timeout_s: float = 60) -> tuple[int, list, str]:
         """SIGTERM torchrun as a user's Ctrl-C would; returns (exit code, survivors, output)."""
         children = self.ranks()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            out, _ = self.proc.communicate()
+        code, out = super().stop(timeout_s)
         survivors = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-        return self.proc.returncode, survivors, out.decode()
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        return code, survivors, out
 
 
 def assert_clean_exit(code, survivors, out, nproc):
