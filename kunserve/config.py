@@ -33,6 +33,8 @@ class EngineConfig:
     max_model_len: int | None = attrs.field(default=None, validator=_positive)
     max_num_seqs: int = attrs.field(default=256, validator=_positive)
     max_num_batched_tokens: int = attrs.field(default=2048, validator=_positive)
+    # Pipeline stage: build only layers [first, last) (None: the whole model).
+    layer_range: tuple[int, int] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
 
     @load_format.validator
     def _check_load_format(self, _attr, value):

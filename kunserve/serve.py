@@ -22,8 +22,11 @@ import torch
 import torch.distributed as dist
 
 from kunserve.config import EngineConfig
-from kunserve.runtime.cluster import ClusterDriver, run_worker
+from kunserve.models import ModelConfig, resolve_model_dir
+from kunserve.policy.drop import balanced_cuts
+from kunserve.runtime.cluster import ClusterDriver, run_stage_member, run_worker
 from kunserve.runtime.engine import LLMEngine, resolve_device
+from kunserve.runtime.pipeline import GroupLayout, PipelineRunner, StageWorker
 
 log = logging.getLogger("kunserve.serve")
 
@@ -48,12 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pipeline-size", type=int, default=1,
+                   help="ranks per instance: each instance is a static pipeline of this many stages")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
-def engine_config(args: argparse.Namespace, device: torch.device) -> EngineConfig:
+def engine_config(args: argparse.Namespace, device: torch.device, layer_range=None) -> EngineConfig:
     return EngineConfig(
+        layer_range=layer_range,
         model=args.model, dtype=args.dtype, device=str(device), load_format=args.load_format,
         memory=args.memory, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_model_len=args.max_model_len,
@@ -82,11 +88,37 @@ def rank_device(name: str) -> torch.device:
     return device
 
 
+def stage_layers(args: argparse.Namespace, rank: int) -> tuple[int, int] | None:
+    """This rank's layer slice in its static pipeline (None: the whole model)."""
+    if args.pipeline_size == 1:
+        return None
+    num_layers = ModelConfig.from_dir(resolve_model_dir(args.model)).num_layers
+    if args.pipeline_size > num_layers:
+        raise ValueError(f"--pipeline-size {args.pipeline_size} exceeds the model's {num_layers} layers")
+    return balanced_cuts(num_layers, args.pipeline_size)[rank % args.pipeline_size]
+
+
+def build_rank(engine: LLMEngine, rank: int, world_size: int, group, args: argparse.Namespace):
+    """Wire a pipelined engine into its group; returns the stage worker of a non-leader."""
+    size = args.pipeline_size
+    # One pool size for every member (the smallest), so the leader's admission holds on all.
+    pool = torch.tensor([engine.block_manager.num_blocks])
+    dist.all_reduce(pool, op=dist.ReduceOp.MIN, group=group)
+    engine.memory.limit_blocks(int(pool))
+    layout = GroupLayout(tuple(range(rank - rank % size, rank - rank % size + size)), group, None)
+    if rank == layout.leader:
+        engine.runner = PipelineRunner(engine.model, engine.kv_cache, engine.block_manager, engine.scheduler,
+                                       engine.device, rank, layout)
+        return None
+    return StageWorker(engine.model, engine.kv_cache, engine.block_manager, engine.device, rank, layout,
+                       engine.config.seed)
+
+
 def serve_rank0(engine: LLMEngine, world_size: int, group, args: argparse.Namespace) -> None:
     from kunserve.serving.api_server import run_server
     from kunserve.serving.async_engine import AsyncEngine
 
-    driver = ClusterDriver(engine, world_size, group)
+    driver = ClusterDriver(engine, world_size, group, args.pipeline_size)
     client = AsyncEngine(driver)
     # uvicorn handles SIGINT/SIGTERM, then re-raises the signal with the handler it found at
     # start; a no-op handler here keeps that re-raise from killing rank 0 before the workers
@@ -105,15 +137,25 @@ def main(argv=None) -> None:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s rank{rank} %(name)s %(levelname)s: %(message)s")
+    if world_size % args.pipeline_size:
+        raise SystemExit(f"--pipeline-size {args.pipeline_size} must divide the number of ranks ({world_size})")
     device = rank_device(args.device)
     group = init_cluster(world_size, device)
-    engine = LLMEngine(engine_config(args, device))
+    engine = LLMEngine(engine_config(args, device, stage_layers(args, rank)))
+    stage = build_rank(engine, rank, world_size, group, args) if args.pipeline_size > 1 else None
     if rank == 0:
         serve_rank0(engine, world_size, group, args)
+        return _finish(world_size, rank)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # rank 0 decides when the cluster stops
+    if stage is not None:
+        run_stage_member(stage, group)
     else:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)  # rank 0 decides when the cluster stops
-        run_worker(engine, rank, group)
+        run_worker(engine, rank // args.pipeline_size, group, always_step=args.pipeline_size > 1)
+    _finish(world_size, rank)
+
+
+def _finish(world_size: int, rank: int) -> None:
     if world_size > 1:
         dist.destroy_process_group()
     log.info("rank %d exited cleanly", rank)

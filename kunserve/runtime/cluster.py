@@ -46,12 +46,13 @@ class StepCommand:
 @attrs.frozen
 class StepReport:
     outputs: tuple[RequestOutput, ...]
-    snapshot: InstanceSnapshot
+    snapshot: InstanceSnapshot | None  # None from pipeline members that are not leaders
     error: str | None = None
 
 
-def _apply_and_step(engine: LLMEngine, command: StepCommand, instance_id: int) -> StepReport:
-    """One worker step; an exception aborts this instance's requests instead of hanging them."""
+def _apply_and_step(engine: LLMEngine, command: StepCommand, instance_id: int, always_step: bool) -> StepReport:
+    """One worker step; an exception aborts this instance's requests instead of hanging them.
+    A pipeline leader steps every time (``always_step``): its members expect every step."""
     outputs: list[RequestOutput] = []
     try:
         for r in command.new:
@@ -59,7 +60,7 @@ def _apply_and_step(engine: LLMEngine, command: StepCommand, instance_id: int) -
         outputs += [o for o in map(engine.abort_request, command.aborts) if o is not None]
         if command.shutdown:
             outputs += [engine.abort_request(rid) for rid in list(engine.requests)]
-        elif engine.has_unfinished_requests():
+        elif always_step or engine.has_unfinished_requests():
             outputs += engine.step()
         return StepReport(tuple(outputs), engine.snapshot(instance_id))
     except Exception:  # noqa: BLE001 - reported to rank 0, which fails the affected requests
@@ -69,11 +70,23 @@ def _apply_and_step(engine: LLMEngine, command: StepCommand, instance_id: int) -
         return StepReport(tuple(outputs), engine.snapshot(instance_id), error)
 
 
-def run_worker(engine: LLMEngine, rank: int, group) -> None:
-    """Serve rank 0's commands until it says shut down (or its connection drops)."""
+def run_worker(engine: LLMEngine, instance_id: int, group, always_step: bool = False) -> None:
+    """An instance (or pipeline leader) on a rank >= 1: serve rank 0's commands until it says
+    shut down (or its connection drops)."""
     while True:
         command: StepCommand = recv_object(0, group)
-        send_object(_apply_and_step(engine, command, rank), 0, group)
+        send_object(_apply_and_step(engine, command, instance_id, always_step), 0, group)
+        if command.shutdown:
+            return
+
+
+def run_stage_member(stage, group) -> None:
+    """A pipeline member that is not a leader: one stage step per cluster step."""
+    while True:
+        command: StepCommand = recv_object(0, group)
+        if not command.shutdown:
+            stage.step()
+        send_object(StepReport((), None), 0, group)
         if command.shutdown:
             return
 
@@ -85,15 +98,20 @@ class ClusterDriver:
     ``owner`` exactly when its finished output is returned from ``step``.
     """
 
-    def __init__(self, local_engine: LLMEngine, world_size: int = 1, group=None):
+    def __init__(self, local_engine: LLMEngine, world_size: int = 1, group=None, pipeline_size: int = 1):
+        if world_size % pipeline_size:
+            raise ValueError(f"world size {world_size} is not a multiple of pipeline size {pipeline_size}")
         self.local = local_engine
         self.world_size = world_size
         self.group = group
+        self.pipeline_size = pipeline_size
+        # Instance i is the group led by rank i * pipeline_size; rank 0 leads instance 0.
+        self.instance_rank = {i: i * pipeline_size for i in range(world_size // pipeline_size)}
         self.dispatcher = LoadBalancingDispatcher()
-        self.snapshots = {i: local_engine.snapshot(i) for i in range(world_size)}
+        self.snapshots = {i: local_engine.snapshot(i) for i in self.instance_rank}
         self.owner: dict[str, int] = {}
-        self._new: dict[int, list[NewRequest]] = {i: [] for i in range(1, world_size)}
-        self._aborts: dict[int, list[str]] = {i: [] for i in range(1, world_size)}
+        self._new: dict[int, list[NewRequest]] = {i: [] for i in self.instance_rank if i}
+        self._aborts: dict[int, list[str]] = {i: [] for i in self.instance_rank if i}
         self.failed_steps = 0
 
     # The engine-like surface --------------------------------------------------------------
@@ -116,7 +134,7 @@ class ClusterDriver:
         self.local.validate_prompt(token_ids)
 
     def snapshot(self) -> ClusterSnapshot:
-        return ClusterSnapshot(tuple(self.snapshots[i] for i in range(self.world_size)))
+        return ClusterSnapshot(tuple(self.snapshots[i] for i in sorted(self.snapshots)))
 
     def add_request(self, prompt, params=None, request_id=None, arrival_time=None) -> str:
         params = params or SamplingParams()
@@ -153,7 +171,8 @@ class ClusterDriver:
         commands = self._take_commands()
         for rank, command in commands.items():
             send_object(command, rank, self.group)
-        outputs = self.local.step() if self.local.has_unfinished_requests() else []
+        pipelined = self.pipeline_size > 1  # members wait for every step of their leader
+        outputs = self.local.step() if pipelined or self.local.has_unfinished_requests() else []
         self._record(0, self.local.snapshot(0))
         for rank in commands:
             outputs += self._collect(rank)
@@ -174,18 +193,21 @@ class ClusterDriver:
 
     # Internals ----------------------------------------------------------------------------
     def _take_commands(self) -> dict[int, StepCommand]:
-        commands = {}
-        for rank in range(1, self.world_size):
-            commands[rank] = StepCommand(tuple(self._new[rank]), tuple(self._aborts[rank]))
-            self._new[rank].clear()
-            self._aborts[rank].clear()
+        """One command per rank >= 1; pipeline members that are not leaders get empty ones."""
+        commands = {rank: StepCommand() for rank in range(1, self.world_size)}
+        for instance, rank in self.instance_rank.items():
+            if instance:
+                commands[rank] = StepCommand(tuple(self._new[instance]), tuple(self._aborts[instance]))
+                self._new[instance].clear()
+                self._aborts[instance].clear()
         return commands
 
     def _collect(self, rank: int) -> list[RequestOutput]:
         report: StepReport = recv_object(rank, self.group)
         if report.error is not None:
             self.failed_steps += 1
-        self._record(rank, report.snapshot)
+        if report.snapshot is not None:
+            self._record(report.snapshot.instance_id, report.snapshot)
         return list(report.outputs)
 
     def _record(self, instance_id: int, snapshot: InstanceSnapshot) -> None:

@@ -62,7 +62,7 @@ class LLMEngine:
         self.model_config = attrs.evolve(model_config, dtype=self.dtype)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         with torch.device("meta"):
-            self.model = build_model(self.model_config)
+            self.model = build_model(self.model_config, config.layer_range)
         self.tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else self.model_dir)
         self.eos_token_ids = self._eos_token_ids()
         num_blocks = self._num_kv_blocks()

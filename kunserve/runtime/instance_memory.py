@@ -73,6 +73,14 @@ class InstanceMemory:
     def allocator(self) -> Allocator | None:
         return None if self.placement is None else self.placement.allocate
 
+    def limit_blocks(self, num_blocks: int) -> None:
+        """Shrink an unused pool to ``num_blocks`` (pipeline members size their pools alike)."""
+        assert self.block_manager.num_free_blocks == self.block_manager.num_blocks, "pool in use"
+        num_blocks = min(num_blocks, self.block_manager.num_blocks)
+        self.block_manager.truncate(num_blocks)
+        self.kv_cache.storage = self.kv_cache.storage[:num_blocks]
+        self.base_blocks = num_blocks
+
     # -- drop / restore -----------------------------------------------------------------------
     def drop_units(self, units: Iterable[int | str]) -> int:
         """Give weight units this instance does not execute to the KV cache; new block count."""

@@ -1,0 +1,179 @@
+"""Pipeline-parallel groups: several ranks each run a contiguous layer slice of one model.
+
+The group's *leader* (stage 0) is an ordinary ``LLMEngine`` whose runner is a
+``PipelineRunner``: it schedules over the group's one queue, runs the embedding and its layers,
+and sends a ``StageStep`` (what to compute) with the hidden states to stage 1. Every other
+member runs ``StageWorker.step``: receive, run its layers over its own KV cache, send on; the
+last stage samples and sends the tokens back to the leader.
+
+Block ids: the leader's block manager decides admission (all members size their pools alike);
+each member mirrors the allocation in its own block manager, by request id, from the chunks
+of each step, and frees what the leader reports finished or preempted. So every member holds
+the same number of blocks for the same requests, and its physical ids are its own business.
+
+A group steps every cluster step, even with nothing to run, so members never wait on a step
+that does not come. Control objects go on the gloo group; hidden states on the data group
+(NCCL on GPUs, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from kunserve.runtime.attention import AttentionMetadata
+from kunserve.runtime.block_manager import BlockManager
+from kunserve.runtime.kv_cache import PagedKVCache
+from kunserve.runtime.model_runner import prepare_inputs
+from kunserve.runtime.sampler import sample
+from kunserve.runtime.scheduler import SchedulerOutput
+from kunserve.runtime.transport import recv_object, send_object
+from kunserve.sampling_params import SamplingParams
+
+
+@attrs.frozen
+class StageChunk:
+    request_id: str
+    start: int  # tokens of the request already in the KV cache
+    num_tokens: int
+    completes: bool  # the last stage samples a token for it
+
+
+@attrs.frozen
+class StageStep:
+    """One pipeline step as every stage needs it (no token ids: only stage 0 embeds)."""
+
+    chunks: tuple[StageChunk, ...]
+    released: tuple[str, ...] = ()  # blocks to free first (finished, aborted or preempted)
+    finished: tuple[str, ...] = ()  # sampling state to forget (finished or aborted)
+    new_params: dict[str, SamplingParams] = attrs.field(factory=dict)  # first sampled this step
+
+
+@attrs.frozen
+class GroupLayout:
+    """Ranks of one group in pipeline order; ``data_group`` carries hidden states."""
+
+    ranks: tuple[int, ...]
+    control_group: object = None
+    data_group: object = None
+
+    def next_rank(self, rank: int) -> int | None:
+        i = self.ranks.index(rank)
+        return self.ranks[i + 1] if i + 1 < len(self.ranks) else None
+
+    def prev_rank(self, rank: int) -> int | None:
+        i = self.ranks.index(rank)
+        return self.ranks[i - 1] if i > 0 else None
+
+    @property
+    def leader(self) -> int:
+        return self.ranks[0]
+
+    @property
+    def last(self) -> int:
+        return self.ranks[-1]
+
+
+def _stage_metadata(step: StageStep, block_manager: BlockManager, device) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+    """Attention metadata, positions [T] and logits rows [n] of a step, from this member's
+    own block tables (allocated here for the step's chunks)."""
+    query_lens, context_lens, tables, positions, rows = [], [], [], [], []
+    for chunk in step.chunks:
+        end = chunk.start + chunk.num_tokens
+        block_manager.allocate(chunk.request_id, end)
+        query_lens.append(chunk.num_tokens)
+        context_lens.append(end)
+        tables.append(block_manager.block_table(chunk.request_id))
+        positions.extend(range(chunk.start, end))
+        if chunk.completes:
+            rows.append(len(positions) - 1)
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_manager.block_size, device)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return meta, as_long(positions), as_long(rows)
+
+
+class StageWorker:
+    """A non-leader member: runs its layer slice for every step the leader sends."""
+
+    def __init__(self, model, kv_cache: PagedKVCache, block_manager: BlockManager, device,
+                 rank: int, layout: GroupLayout, seed: int = 0):
+        self.model, self.kv_cache, self.block_manager = model, kv_cache, block_manager
+        self.device, self.rank, self.layout = torch.device(device), rank, layout
+        self.sampling: dict[str, tuple[SamplingParams, torch.Generator | None]] = {}
+        self.default_generator = torch.Generator().manual_seed(seed)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        prev = self.layout.prev_rank(self.rank)
+        step: StageStep = recv_object(prev, self.layout.control_group)
+        hidden = torch.empty(sum(c.num_tokens for c in step.chunks), self.model.config.hidden_size,
+                             dtype=self.model.config.dtype, device=self.device)
+        dist.recv(hidden, prev, group=self.layout.data_group)
+        for request_id in step.released:
+            self.block_manager.free(request_id)
+        meta, positions, rows = _stage_metadata(step, self.block_manager, self.device)
+        if step.chunks:
+            hidden = self.model(hidden, positions, self.kv_cache.by_layer(), meta)
+        nxt = self.layout.next_rank(self.rank)
+        if nxt is not None:
+            send_object(step, nxt, self.layout.control_group)
+            dist.send(hidden.contiguous(), nxt, group=self.layout.data_group)
+        else:
+            send_object(self._sample(step, hidden, rows), self.layout.leader, self.layout.control_group)
+
+    def _sample(self, step: StageStep, hidden: torch.Tensor, rows: torch.Tensor) -> dict[str, int]:
+        for request_id, params in step.new_params.items():
+            gen = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+            self.sampling[request_id] = (params, gen)
+        for request_id in step.finished:
+            self.sampling.pop(request_id, None)
+        ids = [c.request_id for c in step.chunks if c.completes]
+        if not ids:
+            return {}
+        logits = self.model.compute_logits(hidden[rows])
+        states = [self.sampling[i] for i in ids]
+        tokens = sample(logits, [s[0] for s in states], [s[1] for s in states], self.default_generator)
+        return dict(zip(ids, tokens))
+
+
+class PipelineRunner:
+    """The leader's runner: same ``execute(plan) -> {request_id: token}`` as ``ModelRunner``,
+    computed across the group. Tracks which requests the other stages hold blocks for."""
+
+    def __init__(self, model, kv_cache: PagedKVCache, block_manager: BlockManager, scheduler, device,
+                 rank: int, layout: GroupLayout):
+        self.model, self.kv_cache, self.block_manager = model, kv_cache, block_manager
+        self.scheduler, self.device, self.rank, self.layout = scheduler, torch.device(device), rank, layout
+        self._holding: set[str] = set()  # requests the members hold blocks for
+        self._sampling: set[str] = set()  # requests the last stage holds sampling state for
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> dict[str, int]:
+        step = self._stage_step(plan)
+        if plan.chunks:
+            inputs = prepare_inputs(plan, self.block_manager, self.device)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.by_layer(), inputs.meta)
+        else:
+            hidden = torch.empty(0, self.model.config.hidden_size, dtype=self.model.config.dtype, device=self.device)
+        nxt = self.layout.next_rank(self.rank)
+        send_object(step, nxt, self.layout.control_group)
+        dist.send(hidden.contiguous(), nxt, group=self.layout.data_group)
+        return recv_object(self.layout.last, self.layout.control_group)
+
+    def _stage_step(self, plan: SchedulerOutput) -> StageStep:
+        running = {c.request.request_id for c in plan.chunks}
+        alive = running | {r.request_id for r in self.scheduler.running} | {r.request_id for r in self.scheduler.waiting}
+        released = tuple(sorted(self._holding - (running | {r.request_id for r in self.scheduler.running})))
+        finished = tuple(sorted(self._sampling - alive))
+        new_params = {
+            c.request.request_id: c.request.params
+            for c in plan.chunks if c.completes and c.request.request_id not in self._sampling
+        }
+        self._holding = (self._holding - set(released)) | running
+        self._sampling = (self._sampling - set(finished)) | set(new_params)
+        chunks = tuple(
+            StageChunk(c.request.request_id, c.request.num_computed_tokens, c.num_tokens, c.completes)
+            for c in plan.chunks
+        )
+        return StageStep(chunks, released, finished, new_params)
