@@ -108,10 +108,9 @@ def build_rank(engine: LLMEngine, rank: int, world_size: int, group, args: argpa
     layout = GroupLayout(tuple(range(rank - rank % size, rank - rank % size + size)), group, None)
     if rank == layout.leader:
         engine.runner = PipelineRunner(engine.model, engine.kv_cache, engine.block_manager, engine.scheduler,
-                                       engine.device, rank, layout)
+                                       engine.device, rank, layout, engine.config.seed)
         return None
-    return StageWorker(engine.model, engine.kv_cache, engine.block_manager, engine.device, rank, layout,
-                       engine.config.seed)
+    return StageWorker(engine.model, engine.kv_cache, engine.block_manager, engine.device, rank, layout)
 
 
 def serve_rank0(engine: LLMEngine, world_size: int, group, args: argparse.Namespace) -> None:

@@ -29,7 +29,6 @@ from kunserve.runtime.model_runner import prepare_inputs
 from kunserve.runtime.sampler import sample
 from kunserve.runtime.scheduler import SchedulerOutput
 from kunserve.runtime.transport import recv_object, send_object
-from kunserve.sampling_params import SamplingParams
 
 
 @attrs.frozen
@@ -37,7 +36,8 @@ class StageChunk:
     request_id: str
     start: int  # tokens of the request already in the KV cache
     num_tokens: int
-    completes: bool  # the last stage samples a token for it
+    completes: bool  # a token is sampled from its last position
+    greedy: bool = True  # the last stage takes the argmax; else it returns the logits row
 
 
 @attrs.frozen
@@ -46,8 +46,15 @@ class StageStep:
 
     chunks: tuple[StageChunk, ...]
     released: tuple[str, ...] = ()  # blocks to free first (finished, aborted or preempted)
-    finished: tuple[str, ...] = ()  # sampling state to forget (finished or aborted)
-    new_params: dict[str, SamplingParams] = attrs.field(factory=dict)  # first sampled this step
+
+
+@attrs.frozen
+class StageResult:
+    """The last stage's answer: greedy tokens, and logits rows [vocab] the leader samples from
+    with the request's own (seeded) generator, which therefore never leaves the leader."""
+
+    tokens: dict[str, int]
+    logits: dict[str, torch.Tensor]
 
 
 @attrs.frozen
@@ -97,11 +104,9 @@ class StageWorker:
     """A non-leader member: runs its layer slice for every step the leader sends."""
 
     def __init__(self, model, kv_cache: PagedKVCache, block_manager: BlockManager, device,
-                 rank: int, layout: GroupLayout, seed: int = 0):
+                 rank: int, layout: GroupLayout):
         self.model, self.kv_cache, self.block_manager = model, kv_cache, block_manager
         self.device, self.rank, self.layout = torch.device(device), rank, layout
-        self.sampling: dict[str, tuple[SamplingParams, torch.Generator | None]] = {}
-        self.default_generator = torch.Generator().manual_seed(seed)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -120,21 +125,17 @@ class StageWorker:
             send_object(step, nxt, self.layout.control_group)
             dist.send(hidden.contiguous(), nxt, group=self.layout.data_group)
         else:
-            send_object(self._sample(step, hidden, rows), self.layout.leader, self.layout.control_group)
+            send_object(self._result(step, hidden, rows), self.layout.leader, self.layout.control_group)
 
-    def _sample(self, step: StageStep, hidden: torch.Tensor, rows: torch.Tensor) -> dict[str, int]:
-        for request_id, params in step.new_params.items():
-            gen = None if params.seed is None else torch.Generator().manual_seed(params.seed)
-            self.sampling[request_id] = (params, gen)
-        for request_id in step.finished:
-            self.sampling.pop(request_id, None)
-        ids = [c.request_id for c in step.chunks if c.completes]
-        if not ids:
-            return {}
-        logits = self.model.compute_logits(hidden[rows])
-        states = [self.sampling[i] for i in ids]
-        tokens = sample(logits, [s[0] for s in states], [s[1] for s in states], self.default_generator)
-        return dict(zip(ids, tokens))
+    def _result(self, step: StageStep, hidden: torch.Tensor, rows: torch.Tensor) -> StageResult:
+        completing = [c for c in step.chunks if c.completes]
+        if not completing:
+            return StageResult({}, {})
+        logits = self.model.compute_logits(hidden[rows])  # [n, vocab] fp32
+        greedy = logits.argmax(dim=-1).tolist()
+        tokens = {c.request_id: t for c, t in zip(completing, greedy) if c.greedy}
+        rows_out = {c.request_id: logits[i].cpu() for i, c in enumerate(completing) if not c.greedy}
+        return StageResult(tokens, rows_out)
 
 
 class PipelineRunner:
@@ -142,11 +143,11 @@ class PipelineRunner:
     computed across the group. Tracks which requests the other stages hold blocks for."""
 
     def __init__(self, model, kv_cache: PagedKVCache, block_manager: BlockManager, scheduler, device,
-                 rank: int, layout: GroupLayout):
+                 rank: int, layout: GroupLayout, seed: int = 0, holding: set[str] | None = None):
         self.model, self.kv_cache, self.block_manager = model, kv_cache, block_manager
         self.scheduler, self.device, self.rank, self.layout = scheduler, torch.device(device), rank, layout
-        self._holding: set[str] = set()  # requests the members hold blocks for
-        self._sampling: set[str] = set()  # requests the last stage holds sampling state for
+        self._holding: set[str] = set(holding or ())  # requests the members hold blocks for
+        self.default_generator = torch.Generator().manual_seed(seed)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> dict[str, int]:
@@ -159,21 +160,25 @@ class PipelineRunner:
         nxt = self.layout.next_rank(self.rank)
         send_object(step, nxt, self.layout.control_group)
         dist.send(hidden.contiguous(), nxt, group=self.layout.data_group)
-        return recv_object(self.layout.last, self.layout.control_group)
+        result: StageResult = recv_object(self.layout.last, self.layout.control_group)
+        return {**result.tokens, **self._sample_rows(plan, result.logits)}
+
+    def _sample_rows(self, plan: SchedulerOutput, rows: dict[str, torch.Tensor]) -> dict[str, int]:
+        if not rows:
+            return {}
+        requests = [c.request for c in plan.chunks if c.request.request_id in rows]
+        logits = torch.stack([rows[r.request_id] for r in requests])  # [n, vocab]
+        tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests], self.default_generator)
+        return {r.request_id: t for r, t in zip(requests, tokens)}
 
     def _stage_step(self, plan: SchedulerOutput) -> StageStep:
-        running = {c.request.request_id for c in plan.chunks}
-        alive = running | {r.request_id for r in self.scheduler.running} | {r.request_id for r in self.scheduler.waiting}
-        released = tuple(sorted(self._holding - (running | {r.request_id for r in self.scheduler.running})))
-        finished = tuple(sorted(self._sampling - alive))
-        new_params = {
-            c.request.request_id: c.request.params
-            for c in plan.chunks if c.completes and c.request.request_id not in self._sampling
-        }
-        self._holding = (self._holding - set(released)) | running
-        self._sampling = (self._sampling - set(finished)) | set(new_params)
+        scheduled = {c.request.request_id for c in plan.chunks}
+        holding_now = scheduled | {r.request_id for r in self.scheduler.running}
+        released = tuple(sorted(self._holding - holding_now))  # finished, aborted or preempted
+        self._holding = (self._holding - set(released)) | scheduled
         chunks = tuple(
-            StageChunk(c.request.request_id, c.request.num_computed_tokens, c.num_tokens, c.completes)
+            StageChunk(c.request.request_id, c.request.num_computed_tokens, c.num_tokens, c.completes,
+                       c.request.params.greedy)
             for c in plan.chunks
         )
-        return StageStep(chunks, released, finished, new_params)
+        return StageStep(chunks, released)
