@@ -24,7 +24,8 @@ import torch.distributed as dist
 from kunserve.config import EngineConfig
 from kunserve.models import ModelConfig, resolve_model_dir
 from kunserve.policy.drop import balanced_cuts
-from kunserve.runtime.cluster import ClusterDriver, run_stage_member, run_worker
+from kunserve.runtime.cluster import ClusterDriver, RankState, run_rank
+from kunserve.runtime.drop_controller import DropController, weight_layout_of
 from kunserve.runtime.engine import LLMEngine, resolve_device
 from kunserve.runtime.pipeline import GroupLayout, PipelineRunner, StageWorker
 
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policy", default="vllm", choices=["vllm", "kunserve"],
+                   help="overload handling: vllm = recompute preemption; kunserve = drop weight replicas")
     p.add_argument("--pipeline-size", type=int, default=1,
                    help="ranks per instance: each instance is a static pipeline of this many stages")
     p.add_argument("--log-level", default="INFO")
@@ -117,7 +120,13 @@ def serve_rank0(engine: LLMEngine, world_size: int, group, args: argparse.Namesp
     from kunserve.serving.api_server import run_server
     from kunserve.serving.async_engine import AsyncEngine
 
-    driver = ClusterDriver(engine, world_size, group, args.pipeline_size)
+    drop = None
+    if args.policy == "kunserve":
+        if args.pipeline_size != 1 or engine.memory.unified is None:
+            raise SystemExit("--policy kunserve needs --pipeline-size 1 and the VMM allocator (--memory vmm)")
+        drop = DropController(weight_layout_of(engine.memory, engine.model_config.num_layers),
+                              engine.memory.block_bytes, engine.memory.unified.kv_mapped_bytes)
+    driver = ClusterDriver(engine, world_size, group, args.pipeline_size, drop)
     client = AsyncEngine(driver)
     # uvicorn handles SIGINT/SIGTERM, then re-raises the signal with the handler it found at
     # start; a no-op handler here keeps that re-raise from killing rank 0 before the workers
@@ -147,10 +156,7 @@ def main(argv=None) -> None:
         return _finish(world_size, rank)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # rank 0 decides when the cluster stops
-    if stage is not None:
-        run_stage_member(stage, group)
-    else:
-        run_worker(engine, rank // args.pipeline_size, group, always_step=args.pipeline_size > 1)
+    run_rank(RankState(engine, rank, rank // args.pipeline_size, stage, always_step=args.pipeline_size > 1), group)
     _finish(world_size, rank)
 
 

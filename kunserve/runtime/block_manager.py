@@ -17,11 +17,17 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
-        self.num_blocks = num_blocks
         self.block_size = block_size
+        self.reset(num_blocks)
+
+    def reset(self, num_blocks: int) -> None:
+        """An empty pool of ``num_blocks`` blocks (a re-laid-out KV cache starts from this)."""
+        self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
         self._ref_counts = [0] * num_blocks
         self._tables: dict[str, list[int]] = {}
+        # Blocks admission must leave free: a pipeline leader admits only what every member can hold.
+        self.reserved = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -30,6 +36,10 @@ class BlockManager:
     @property
     def usage(self) -> float:
         return 1.0 - len(self._free) / self.num_blocks
+
+    @property
+    def owners(self) -> list[str]:
+        return list(self._tables)
 
     def block_table(self, request_id: str) -> list[int]:
         return self._tables.get(request_id, [])
@@ -40,7 +50,24 @@ class BlockManager:
         return max(0, -(-num_tokens // self.block_size) - have)
 
     def can_allocate(self, request_id: str, num_tokens: int) -> bool:
-        return self.blocks_needed(request_id, num_tokens) <= len(self._free)
+        return self.blocks_needed(request_id, num_tokens) <= len(self._free) - self.reserved
+
+    def take_free(self, count: int) -> list[int]:
+        """Remove ``count`` free blocks from the pool (lowest ids of a fresh pool first)."""
+        if count > len(self._free):
+            raise RuntimeError(f"need {count} free blocks, only {len(self._free)} are free")
+        return [self._free.popleft() for _ in range(count)]
+
+    def adopt(self, owner: str, blocks: list[int]) -> None:
+        """Give ``owner`` exactly these (free) blocks, e.g. KV that stayed in place across a
+        re-layout."""
+        assert owner not in self._tables and all(self._ref_counts[b] == 0 for b in blocks)
+        taken = set(blocks)
+        if any(b in taken for b in self._free):
+            self._free = deque(b for b in self._free if b not in taken)
+        for b in blocks:
+            self._ref_counts[b] = 1
+        self._tables[owner] = list(blocks)
 
     def allocate(self, request_id: str, num_tokens: int) -> list[int]:
         """Grow the request's table to hold ``num_tokens``; returns the new block ids."""

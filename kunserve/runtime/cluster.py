@@ -4,7 +4,9 @@ Rank 0 runs the ``ClusterDriver``: it owns the global view (one ``InstanceSnapsh
 instance), dispatches each new request to an instance with the dispatch policy, and advances
 the cluster one step at a time: send every worker a ``StepCommand`` (new requests, aborts),
 step its own instance, then collect every worker's ``StepReport`` (outputs + snapshot).
-Workers (ranks >= 1) run ``run_worker``: receive a command, apply it, step, report.
+Workers (ranks >= 1) run ``run_rank``: receive a command, apply it, step, report. Under the
+kunserve policy the ``DropController`` turns overload into merge orders: the named ranks form
+a pipeline group in the next step (``regroup.merge_into_group``) and serve as one instance.
 
 The driver has the same surface as ``LLMEngine`` (``add_request``, ``abort_request``, ``step``,
 ``has_unfinished_requests``), so the async front end drives one engine or a cluster alike.
@@ -21,7 +23,10 @@ import attrs
 from kunserve.outputs import RequestOutput
 from kunserve.policy.dispatch import LoadBalancingDispatcher
 from kunserve.policy.snapshot import ClusterSnapshot, InstanceSnapshot
+from kunserve.runtime.drop_controller import DropController
 from kunserve.runtime.engine import LLMEngine
+from kunserve.runtime.pipeline import StageWorker
+from kunserve.runtime.regroup import MergeOrder, MergeStats, merge_into_group
 from kunserve.runtime.transport import recv_object, send_object
 from kunserve.sampling_params import SamplingParams
 
@@ -40,6 +45,7 @@ class NewRequest:
 class StepCommand:
     new: tuple[NewRequest, ...] = ()
     aborts: tuple[str, ...] = ()
+    merge: MergeOrder | None = None  # this rank joins a pipeline group in this step
     shutdown: bool = False
 
 
@@ -48,45 +54,60 @@ class StepReport:
     outputs: tuple[RequestOutput, ...]
     snapshot: InstanceSnapshot | None  # None from pipeline members that are not leaders
     error: str | None = None
+    merge: MergeStats | None = None
 
 
-def _apply_and_step(engine: LLMEngine, command: StepCommand, instance_id: int, always_step: bool) -> StepReport:
-    """One worker step; an exception aborts this instance's requests instead of hanging them.
-    A pipeline leader steps every time (``always_step``): its members expect every step."""
-    outputs: list[RequestOutput] = []
+@attrs.define
+class RankState:
+    """What a rank runs: an instance (a pipeline leader steps every step, ``always_step``) or,
+    with ``stage`` set, a non-leading pipeline stage."""
+
+    engine: LLMEngine
+    rank: int
+    instance_id: int
+    stage: StageWorker | None = None
+    always_step: bool = False
+
+
+def handle_command(state: RankState, command: StepCommand, group) -> StepReport:
+    """One rank's part of a cluster step; an exception aborts this instance's requests
+    instead of hanging them."""
+    engine, outputs = state.engine, []
+    if state.stage is not None:  # a stage member: no requests of its own
+        if not command.shutdown:
+            state.stage.step()
+        return StepReport((), None)
     try:
         for r in command.new:
             engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.arrival_time)
         outputs += [o for o in map(engine.abort_request, command.aborts) if o is not None]
+        if command.merge is not None:
+            return _merge(state, command.merge, group, outputs)
         if command.shutdown:
             outputs += [engine.abort_request(rid) for rid in list(engine.requests)]
-        elif always_step or engine.has_unfinished_requests():
+        elif state.always_step or engine.has_unfinished_requests():
             outputs += engine.step()
-        return StepReport(tuple(outputs), engine.snapshot(instance_id))
+        return StepReport(tuple(outputs), engine.snapshot(state.instance_id))
     except Exception:  # noqa: BLE001 - reported to rank 0, which fails the affected requests
         error = traceback.format_exc()
-        log.error("instance %d step failed:\n%s", instance_id, error)
+        log.error("instance %d step failed:\n%s", state.instance_id, error)
         outputs += [engine.abort_request(rid) for rid in list(engine.requests)]
-        return StepReport(tuple(outputs), engine.snapshot(instance_id), error)
+        return StepReport(tuple(outputs), engine.snapshot(state.instance_id), error)
 
 
-def run_worker(engine: LLMEngine, instance_id: int, group, always_step: bool = False) -> None:
-    """An instance (or pipeline leader) on a rank >= 1: serve rank 0's commands until it says
-    shut down (or its connection drops)."""
+def _merge(state: RankState, order: MergeOrder, group, outputs: list) -> StepReport:
+    state.stage, stats = merge_into_group(state.engine, order, state.rank, group)
+    state.always_step = state.stage is None
+    state.instance_id = order.ranks[0]
+    snapshot = state.engine.snapshot(state.instance_id) if state.stage is None else None
+    return StepReport(tuple(outputs), snapshot, merge=stats)
+
+
+def run_rank(state: RankState, group) -> None:
+    """A rank >= 1: serve rank 0's commands until it says shut down (or its connection drops)."""
     while True:
         command: StepCommand = recv_object(0, group)
-        send_object(_apply_and_step(engine, command, instance_id, always_step), 0, group)
-        if command.shutdown:
-            return
-
-
-def run_stage_member(stage, group) -> None:
-    """A pipeline member that is not a leader: one stage step per cluster step."""
-    while True:
-        command: StepCommand = recv_object(0, group)
-        if not command.shutdown:
-            stage.step()
-        send_object(StepReport((), None), 0, group)
+        send_object(handle_command(state, command, group), 0, group)
         if command.shutdown:
             return
 
@@ -98,7 +119,8 @@ class ClusterDriver:
     ``owner`` exactly when its finished output is returned from ``step``.
     """
 
-    def __init__(self, local_engine: LLMEngine, world_size: int = 1, group=None, pipeline_size: int = 1):
+    def __init__(self, local_engine: LLMEngine, world_size: int = 1, group=None, pipeline_size: int = 1,
+                 drop: DropController | None = None):
         if world_size % pipeline_size:
             raise ValueError(f"world size {world_size} is not a multiple of pipeline size {pipeline_size}")
         self.local = local_engine
@@ -113,6 +135,9 @@ class ClusterDriver:
         self._new: dict[int, list[NewRequest]] = {i: [] for i in self.instance_rank if i}
         self._aborts: dict[int, list[str]] = {i: [] for i in self.instance_rank if i}
         self.failed_steps = 0
+        self.local_state = RankState(local_engine, 0, 0, None, always_step=pipeline_size > 1)
+        self.drop = drop
+        self._merges: dict[int, MergeOrder] = {}  # rank -> the merge it runs in the next step
 
     # The engine-like surface --------------------------------------------------------------
     @property
@@ -165,25 +190,48 @@ class ClusterDriver:
 
     def extra_metrics(self) -> dict:
         """Cluster-level counters for /metrics (the drop mechanism adds drops and restores)."""
-        return {"cluster_instances": len(self.snapshots), "failed_steps_total": self.failed_steps}
+        extra = {"cluster_instances": len(self.snapshots), "failed_steps_total": self.failed_steps}
+        return extra | (self.drop.metrics() if self.drop else {})
 
     def step(self) -> list[RequestOutput]:
-        commands = self._take_commands()
+        merges, self._merges = self._merges, {}
+        commands = self._take_commands(merges)
         for rank, command in commands.items():
             send_object(command, rank, self.group)
-        pipelined = self.pipeline_size > 1  # members wait for every step of their leader
-        outputs = self.local.step() if pipelined or self.local.has_unfinished_requests() else []
-        self._record(0, self.local.snapshot(0))
-        for rank in commands:
-            outputs += self._collect(rank)
+        reports = [handle_command(self.local_state, StepCommand(merge=merges.get(0)), self.group)]
+        reports += [recv_object(rank, self.group) for rank in commands]
+        outputs = [o for report in reports for o in self._absorb(report)]
+        if merges:
+            self._apply_merges(set(merges.values()), reports)
         for out in outputs:
             if out.finished:
                 self.owner.pop(out.request_id, None)
+        if self.drop is not None:
+            self._merges = {rank: order for order in self.drop.plan(self.snapshot()) for rank in order.ranks}
         return outputs
+
+    def _apply_merges(self, orders: set[MergeOrder], reports: list[StepReport]) -> None:
+        """The members of each merged group now serve as one instance, led by its first rank."""
+        for order in orders:
+            leader = order.ranks[0]
+            for member in order.ranks[1:]:
+                self.instance_rank.pop(member, None)
+                self.snapshots.pop(member, None)
+                self.dispatcher.observe(member)
+                self._new[leader] = self._new.get(leader, []) + self._new.pop(member, [])
+                self._aborts[leader] = self._aborts.get(leader, []) + self._aborts.pop(member, [])
+                for request_id, instance in self.owner.items():
+                    if instance == member:
+                        self.owner[request_id] = leader
+            self.drop.drops += 1
+        for report in reports:
+            if report.merge is not None:
+                self.drop.record(report.merge.bytes_sent, report.merge.seconds)
 
     def shutdown(self) -> list[RequestOutput]:
         """Abort everything in flight and release the workers; returns the abort outputs."""
         outputs = [self.local.abort_request(rid) for rid in list(self.local.requests)]
+        outputs = [o for o in outputs if o is not None]
         for rank in range(1, self.world_size):
             send_object(StepCommand(shutdown=True), rank, self.group)
         for rank in range(1, self.world_size):
@@ -192,18 +240,21 @@ class ClusterDriver:
         return outputs
 
     # Internals ----------------------------------------------------------------------------
-    def _take_commands(self) -> dict[int, StepCommand]:
+    def _take_commands(self, merges: dict[int, MergeOrder]) -> dict[int, StepCommand]:
         """One command per rank >= 1; pipeline members that are not leaders get empty ones."""
-        commands = {rank: StepCommand() for rank in range(1, self.world_size)}
+        commands = {rank: StepCommand(merge=merges.get(rank)) for rank in range(1, self.world_size)}
         for instance, rank in self.instance_rank.items():
             if instance:
-                commands[rank] = StepCommand(tuple(self._new[instance]), tuple(self._aborts[instance]))
+                commands[rank] = StepCommand(tuple(self._new[instance]), tuple(self._aborts[instance]),
+                                             merge=merges.get(rank))
                 self._new[instance].clear()
                 self._aborts[instance].clear()
         return commands
 
     def _collect(self, rank: int) -> list[RequestOutput]:
-        report: StepReport = recv_object(rank, self.group)
+        return self._absorb(recv_object(rank, self.group))
+
+    def _absorb(self, report: StepReport) -> list[RequestOutput]:
         if report.error is not None:
             self.failed_steps += 1
         if report.snapshot is not None:

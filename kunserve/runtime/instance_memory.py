@@ -73,6 +73,23 @@ class InstanceMemory:
     def allocator(self) -> Allocator | None:
         return None if self.placement is None else self.placement.allocate
 
+    def placement_units(self) -> set:
+        """Weight units still in weight memory (placed and not dropped)."""
+        return set(self.placement.unit_bytes) - set(self.unified.dropped)
+
+    def relayout(self, layer_ids: range) -> None:
+        """View the KV range with blocks of ``layer_ids`` only (after the model was re-sliced).
+        Bytes are not moved: an old block of L layers becomes L / len(layer_ids) new blocks."""
+        self._require_unified()
+        num_kv_heads, head_dim = self.block_shape[3], self.block_shape[4]
+        self.block_shape = (len(layer_ids), *self.block_shape[1:])
+        self.block_bytes = kv_block_bytes(len(layer_ids), self.block_shape[2], num_kv_heads, head_dim, self.dtype)
+        self.unified.set_kv_block_bytes(self.block_bytes)
+        self.kv_cache.storage = None
+        self.kv_cache.layer_ids = layer_ids
+        self._remap(self.unified.num_kv_blocks)
+        self.base_blocks = self.kv_cache.num_blocks
+
     def limit_blocks(self, num_blocks: int) -> None:
         """Shrink an unused pool to ``num_blocks`` (pipeline members size their pools alike)."""
         assert self.block_manager.num_free_blocks == self.block_manager.num_blocks, "pool in use"

@@ -163,6 +163,10 @@ class UnifiedMemory:
     def dropped(self) -> list[Hashable]:
         return [k for k, layer in self._layers.items() if layer.chunks is None]
 
+    def set_kv_block_bytes(self, kv_block_bytes: int) -> None:
+        """Count KV blocks of a new size (the caller re-views the KV range; bytes stay put)."""
+        self.config = attrs.evolve(self.config, kv_block_bytes=kv_block_bytes)
+
     def drop_gain(self, keys: Iterable[Hashable]) -> int:
         """KV blocks that `drop(keys)` would add (freed bytes plus the old partial block)."""
         freed = sum(layer.span for layer in self._layers_in_state(keys, dropped=False))

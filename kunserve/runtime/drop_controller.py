@@ -1,0 +1,78 @@
+"""Rank 0's drop trigger: turns overload in the cluster snapshot into merge orders.
+
+Decisions come from the policies (``OverloadRules`` says when and how much, the greedy planner
+says who merges with whom); this object only keeps the state between steps (which instances
+are already grouped, whether a fallback was already reported) and the counters for /metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kunserve.policy.drop import GreedyDropPlanner, Group, WeightLayout
+from kunserve.policy.overload import OverloadRules
+from kunserve.policy.snapshot import ClusterSnapshot
+from kunserve.runtime.regroup import MergeOrder
+
+log = logging.getLogger(__name__)
+
+
+def weight_layout_of(memory, num_layers: int) -> WeightLayout:
+    """Bytes each weight unit frees when dropped: its chunk, rounded up to the granularity."""
+    granularity = memory.unified.backend.granularity
+    chunk = {u: -(-n // granularity) * granularity for u, n in memory.placement.unit_bytes.items()}
+    return WeightLayout(tuple(chunk[i] for i in range(num_layers)), chunk.get("embed", 0), chunk.get("head", 0))
+
+
+class DropController:
+    """Invariant: ``grouped`` holds every instance already merged into a group; only single
+    instances are planned (merging existing groups is not done yet)."""
+
+    def __init__(self, layout: WeightLayout, full_block_bytes: int, kv_mapped_bytes: int,
+                 rules: OverloadRules | None = None, max_group_size: int | None = None):
+        self.layout, self.full_block_bytes, self.kv_mapped_bytes = layout, full_block_bytes, kv_mapped_bytes
+        self.planner = GreedyDropPlanner(layout, max_group_size)
+        self.rules = rules or OverloadRules()
+        self.grouped: set[int] = set()
+        self.drops = self.fallbacks = self.bytes_exchanged = 0
+        self.stall_seconds = 0.0
+        self.predicted_blocks: dict[int, int] = {}  # group leader -> planner-predicted capacity
+        self._reported_fallback = False
+
+    def plan(self, snapshot: ClusterSnapshot) -> list[MergeOrder]:
+        if not any(self.rules.is_overloaded(i) for i in snapshot.instances):
+            self._reported_fallback = False
+            return []
+        required = self.rules.required_bytes(snapshot, self.full_block_bytes)
+        singles = [Group.single(i.instance_id, self.layout.num_layers)
+                   for i in snapshot.instances if i.instance_id not in self.grouped]
+        plan = self.planner.plan(singles, required)
+        if not plan.satisfied and not self._reported_fallback:
+            self._reported_fallback = True
+            self.fallbacks += 1
+            log.warning("overload needs %d bytes of KV but dropping frees at most %d: falling back to "
+                        "recompute preemption; the cluster needs more instances", required, plan.total_freed_bytes)
+        for group in plan.merged:
+            self.grouped |= set(group.members)
+            self.predicted_blocks[group.members[0]] = self._predicted_capacity(group, plan.freed_bytes)
+            log.info("drop: instances %s merge into a pipeline with slices %s (predicted capacity %d blocks)",
+                     group.members, group.slices, self.predicted_blocks[group.members[0]])
+        return [MergeOrder(g.members, g.slices) for g in plan.merged]
+
+    def _predicted_capacity(self, group: Group, freed: dict[int, int]) -> int:
+        """Blocks the group can hold: the smallest member's KV bytes over its new block size."""
+        per_layer = self.full_block_bytes // self.layout.num_layers
+        return min((self.kv_mapped_bytes + freed.get(m, 0)) // (per_layer * (b - a))
+                   for m, (a, b) in zip(group.members, group.slices))
+
+    def record(self, bytes_sent: int, seconds: float) -> None:
+        self.bytes_exchanged += bytes_sent
+        self.stall_seconds = max(self.stall_seconds, seconds)
+
+    def metrics(self) -> dict:
+        return {
+            "drops_total": self.drops, "drop_fallbacks_total": self.fallbacks,
+            "kv_bytes_exchanged_total": self.bytes_exchanged, "drop_stall_seconds": self.stall_seconds,
+            "pipeline_groups": len(self.predicted_blocks),
+            "drop_predicted_blocks": sum(self.predicted_blocks.values()),
+        }

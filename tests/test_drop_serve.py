@@ -1,0 +1,64 @@
+"""The kunserve policy under a burst: instances merge into pipelines, token-exact (real torchrun)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+from kunserve import LLM, SamplingParams  # noqa: E402
+from kunserve.bench._launch import LocalCluster  # noqa: E402
+from test_cluster_serve import assert_clean_exit  # noqa: E402
+
+PROMPTS = [[1 + (7 * i + 3 * j) % 300 for j in range(n)]
+           for i, n in enumerate([2, 3, 5, 8, 13, 17, 24, 31, 20, 4, 9, 12, 6, 7, 15, 22])]
+# 12 blocks of 4 tokens per instance: the burst's queued demand is far beyond every instance.
+SERVE_ARGS = ["--num-kv-blocks", "12", "--block-size", "4", "--max-model-len", "48",
+              "--max-num-batched-tokens", "32", "--policy", "kunserve", "--memory", "vmm"]
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir):
+    llm = LLM(str(llama_dir), num_kv_blocks=64, max_model_len=64)
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    return [o.outputs[0].text for o in outputs]
+
+
+def metric_values(text: str) -> dict[str, float]:
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+async def burst(base_url: str) -> list[dict]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+        bodies = [{"model": "tiny", "prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+                  for p in PROMPTS]
+        responses = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+    assert [r.status_code for r in responses] == [200] * len(PROMPTS)  # no request lost
+    return [r.json() for r in responses]
+
+
+@pytest.mark.parametrize("nproc", [2, 3, 4])
+def test_burst_triggers_drop_and_outputs_stay_token_exact(llama_dir, reference, nproc):
+    cluster = LocalCluster(llama_dir, nproc, SERVE_ARGS, served_model_name="tiny")
+    try:
+        outputs = asyncio.run(burst(cluster.base_url))
+        assert [o["choices"][0]["text"] for o in outputs] == reference
+        metrics = metric_values(httpx.get(f"{cluster.base_url}/metrics").text)
+        children = cluster.child_processes()
+    finally:
+        code, out = cluster.stop()
+    assert metrics["kunserve_drops_total"] >= 1 and metrics["kunserve_pipeline_groups"] >= 1
+    assert metrics["kunserve_kv_bytes_exchanged_total"] > 0
+    assert metrics["kunserve_cluster_instances"] == nproc - metrics["kunserve_drops_total"]
+    # capacity after the drop equals the planner's prediction, group by group
+    group_capacity = {name: v for name, v in metrics.items() if name.startswith("kunserve_kv_cache_total_blocks")}
+    merged = sorted(v for v in group_capacity.values() if v > 12)
+    assert sum(merged) == metrics["kunserve_drop_predicted_blocks"] and len(merged) == metrics["kunserve_pipeline_groups"]
+    assert_clean_exit(code, [p for p in children if p.is_running() and p.status() != "zombie"], out, nproc)
