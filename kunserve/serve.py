@@ -24,6 +24,7 @@ import torch.distributed as dist
 from kunserve.config import EngineConfig
 from kunserve.models import ModelConfig, resolve_model_dir
 from kunserve.policy.drop import balanced_cuts
+from kunserve.policy.overload import OverloadRules
 from kunserve.runtime.cluster import ClusterDriver, RankState, run_rank
 from kunserve.runtime.drop_controller import DropController, weight_layout_of
 from kunserve.runtime.engine import LLMEngine, resolve_device
@@ -54,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policy", default="vllm", choices=["vllm", "kunserve"],
                    help="overload handling: vllm = recompute preemption; kunserve = drop weight replicas")
+    p.add_argument("--restore-fraction", type=float, default=0.5,
+                   help="kunserve: restore a group when its KV use is below this share of its no-drop capacity")
+    p.add_argument("--restore-hold-s", type=float, default=5.0,
+                   help="kunserve: a group lives at least this long before it may be restored")
     p.add_argument("--pipeline-size", type=int, default=1,
                    help="ranks per instance: each instance is a static pipeline of this many stages")
     p.add_argument("--log-level", default="INFO")
@@ -125,7 +130,8 @@ def serve_rank0(engine: LLMEngine, world_size: int, group, args: argparse.Namesp
         if args.pipeline_size != 1 or engine.memory.unified is None:
             raise SystemExit("--policy kunserve needs --pipeline-size 1 and the VMM allocator (--memory vmm)")
         drop = DropController(weight_layout_of(engine.memory, engine.model_config.num_layers),
-                              engine.memory.block_bytes, engine.memory.unified.kv_mapped_bytes)
+                              engine.memory.block_bytes, engine.memory.unified.kv_mapped_bytes,
+                              OverloadRules(args.restore_fraction, args.restore_hold_s))
     driver = ClusterDriver(engine, world_size, group, args.pipeline_size, drop)
     client = AsyncEngine(driver)
     # uvicorn handles SIGINT/SIGTERM, then re-raises the signal with the handler it found at

@@ -26,7 +26,7 @@ from kunserve.policy.snapshot import ClusterSnapshot, InstanceSnapshot
 from kunserve.runtime.drop_controller import DropController
 from kunserve.runtime.engine import LLMEngine
 from kunserve.runtime.pipeline import StageWorker
-from kunserve.runtime.regroup import MergeOrder, MergeStats, merge_into_group
+from kunserve.runtime.regroup import MergeOrder, MergeStats, SplitOrder, merge_into_group, split_group
 from kunserve.runtime.transport import recv_object, send_object
 from kunserve.sampling_params import SamplingParams
 
@@ -46,6 +46,7 @@ class StepCommand:
     new: tuple[NewRequest, ...] = ()
     aborts: tuple[str, ...] = ()
     merge: MergeOrder | None = None  # this rank joins a pipeline group in this step
+    split: SplitOrder | None = None  # this rank's group splits back into single instances
     shutdown: bool = False
 
 
@@ -54,7 +55,8 @@ class StepReport:
     outputs: tuple[RequestOutput, ...]
     snapshot: InstanceSnapshot | None  # None from pipeline members that are not leaders
     error: str | None = None
-    merge: MergeStats | None = None
+    merge: MergeStats | None = None  # stats of a merge or split this rank just ran
+    assignment: dict[str, int] | None = None  # after a split: request id -> rank that owns it
 
 
 @attrs.define
@@ -73,14 +75,17 @@ def handle_command(state: RankState, command: StepCommand, group) -> StepReport:
     """One rank's part of a cluster step; an exception aborts this instance's requests
     instead of hanging them."""
     engine, outputs = state.engine, []
-    if state.stage is not None:  # a stage member: no requests of its own
-        if not command.shutdown:
-            state.stage.step()
-        return StepReport((), None)
     try:
-        for r in command.new:
-            engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.arrival_time)
-        outputs += [o for o in map(engine.abort_request, command.aborts) if o is not None]
+        if state.stage is None:  # stage members have no requests of their own
+            for r in command.new:
+                engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.arrival_time)
+            outputs += [o for o in map(engine.abort_request, command.aborts) if o is not None]
+        if command.split is not None:
+            return attrs.evolve(_split(state, command.split, group), outputs=tuple(outputs))
+        if state.stage is not None:
+            if not command.shutdown:
+                state.stage.step()
+            return StepReport((), None)
         if command.merge is not None:
             return _merge(state, command.merge, group, outputs)
         if command.shutdown:
@@ -101,6 +106,12 @@ def _merge(state: RankState, order: MergeOrder, group, outputs: list) -> StepRep
     state.instance_id = order.ranks[0]
     snapshot = state.engine.snapshot(state.instance_id) if state.stage is None else None
     return StepReport(tuple(outputs), snapshot, merge=stats)
+
+
+def _split(state: RankState, order: SplitOrder, group) -> StepReport:
+    assignment, stats = split_group(state.engine, order, state.rank, group)
+    state.stage, state.always_step, state.instance_id = None, False, state.rank
+    return StepReport((), state.engine.snapshot(state.instance_id), merge=stats, assignment=assignment)
 
 
 def run_rank(state: RankState, group) -> None:
@@ -137,7 +148,7 @@ class ClusterDriver:
         self.failed_steps = 0
         self.local_state = RankState(local_engine, 0, 0, None, always_step=pipeline_size > 1)
         self.drop = drop
-        self._merges: dict[int, MergeOrder] = {}  # rank -> the merge it runs in the next step
+        self._merges: dict[int, MergeOrder | SplitOrder] = {}  # rank -> regrouping it runs next step
 
     # The engine-like surface --------------------------------------------------------------
     @property
@@ -198,17 +209,33 @@ class ClusterDriver:
         commands = self._take_commands(merges)
         for rank, command in commands.items():
             send_object(command, rank, self.group)
-        reports = [handle_command(self.local_state, StepCommand(merge=merges.get(0)), self.group)]
+        reports = [handle_command(self.local_state, _regroup_command(StepCommand(), merges.get(0)), self.group)]
         reports += [recv_object(rank, self.group) for rank in commands]
         outputs = [o for report in reports for o in self._absorb(report)]
         if merges:
-            self._apply_merges(set(merges.values()), reports)
+            self._apply_merges({o for o in merges.values() if isinstance(o, MergeOrder)}, reports)
+            self._apply_splits({o for o in merges.values() if isinstance(o, SplitOrder)}, reports)
         for out in outputs:
             if out.finished:
                 self.owner.pop(out.request_id, None)
         if self.drop is not None:
-            self._merges = {rank: order for order in self.drop.plan(self.snapshot()) for rank in order.ranks}
+            orders = self.drop.plan(self.snapshot()) + self.drop.plan_restore(self.snapshot())
+            self._merges = {rank: order for order in orders for rank in order.ranks}
         return outputs
+
+    def _apply_splits(self, orders: set[SplitOrder], reports: list[StepReport]) -> None:
+        """Every member of a split group serves alone again; requests follow the assignment."""
+        for order in orders:
+            for member in order.ranks:
+                self.instance_rank[member] = member
+                self._new.setdefault(member, [])
+                self._aborts.setdefault(member, [])
+            self.drop.restored(order)
+        for report in reports:
+            if report.assignment is not None:
+                self.owner.update({rid: rank for rid, rank in report.assignment.items() if rid in self.owner})
+            if report.merge is not None and report.assignment is not None:
+                self.drop.record(report.merge.bytes_sent, report.merge.seconds)
 
     def _apply_merges(self, orders: set[MergeOrder], reports: list[StepReport]) -> None:
         """The members of each merged group now serve as one instance, led by its first rank."""
@@ -218,8 +245,8 @@ class ClusterDriver:
                 self.instance_rank.pop(member, None)
                 self.snapshots.pop(member, None)
                 self.dispatcher.observe(member)
-                self._new[leader] = self._new.get(leader, []) + self._new.pop(member, [])
-                self._aborts[leader] = self._aborts.get(leader, []) + self._aborts.pop(member, [])
+                # add_request never runs inside step(), and _take_commands emptied these queues
+                assert not self._new.pop(member, None) and not self._aborts.pop(member, None)
                 for request_id, instance in self.owner.items():
                     if instance == member:
                         self.owner[request_id] = leader
@@ -240,13 +267,13 @@ class ClusterDriver:
         return outputs
 
     # Internals ----------------------------------------------------------------------------
-    def _take_commands(self, merges: dict[int, MergeOrder]) -> dict[int, StepCommand]:
+    def _take_commands(self, merges: dict) -> dict[int, StepCommand]:
         """One command per rank >= 1; pipeline members that are not leaders get empty ones."""
-        commands = {rank: StepCommand(merge=merges.get(rank)) for rank in range(1, self.world_size)}
+        commands = {rank: _regroup_command(StepCommand(), merges.get(rank)) for rank in range(1, self.world_size)}
         for instance, rank in self.instance_rank.items():
             if instance:
-                commands[rank] = StepCommand(tuple(self._new[instance]), tuple(self._aborts[instance]),
-                                             merge=merges.get(rank))
+                command = StepCommand(tuple(self._new[instance]), tuple(self._aborts[instance]))
+                commands[rank] = _regroup_command(command, merges.get(rank))
                 self._new[instance].clear()
                 self._aborts[instance].clear()
         return commands
@@ -265,3 +292,10 @@ class ClusterDriver:
         self.snapshots[instance_id] = snapshot
         self.dispatcher.observe(instance_id)
 
+
+def _regroup_command(command: StepCommand, order: MergeOrder | SplitOrder | None) -> StepCommand:
+    if isinstance(order, MergeOrder):
+        return attrs.evolve(command, merge=order)
+    if isinstance(order, SplitOrder):
+        return attrs.evolve(command, split=order)
+    return command

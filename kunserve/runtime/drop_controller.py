@@ -8,11 +8,12 @@ are already grouped, whether a fallback was already reported) and the counters f
 from __future__ import annotations
 
 import logging
+import time
 
 from kunserve.policy.drop import GreedyDropPlanner, Group, WeightLayout
 from kunserve.policy.overload import OverloadRules
 from kunserve.policy.snapshot import ClusterSnapshot
-from kunserve.runtime.regroup import MergeOrder
+from kunserve.runtime.regroup import MergeOrder, SplitOrder
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ class DropController:
         self.planner = GreedyDropPlanner(layout, max_group_size)
         self.rules = rules or OverloadRules()
         self.grouped: set[int] = set()
-        self.drops = self.fallbacks = self.bytes_exchanged = 0
+        self.drops = self.restores = self.fallbacks = self.bytes_exchanged = 0
+        self.groups: dict[int, tuple[MergeOrder, float]] = {}  # leader -> (order, merge time)
         self.stall_seconds = 0.0
         self.predicted_blocks: dict[int, int] = {}  # group leader -> planner-predicted capacity
         self._reported_fallback = False
@@ -54,10 +56,30 @@ class DropController:
                         "recompute preemption; the cluster needs more instances", required, plan.total_freed_bytes)
         for group in plan.merged:
             self.grouped |= set(group.members)
+            self.groups[group.members[0]] = (MergeOrder(group.members, group.slices), time.monotonic())
             self.predicted_blocks[group.members[0]] = self._predicted_capacity(group, plan.freed_bytes)
             log.info("drop: instances %s merge into a pipeline with slices %s (predicted capacity %d blocks)",
                      group.members, group.slices, self.predicted_blocks[group.members[0]])
         return [MergeOrder(g.members, g.slices) for g in plan.merged]
+
+    def plan_restore(self, snapshot: ClusterSnapshot) -> list[SplitOrder]:
+        """Groups whose KV use fell under the restore fraction of their no-drop capacity."""
+        orders, now = [], time.monotonic()
+        no_drop_blocks = self.kv_mapped_bytes // self.full_block_bytes
+        for leader, (order, merged_at) in self.groups.items():
+            instance = snapshot.by_id(leader)
+            capacity = no_drop_blocks * len(order.ranks)
+            if self.rules.should_restore(instance.used_blocks + instance.queued_blocks, capacity, merged_at, now):
+                orders.append(SplitOrder(order.ranks, order.slices))
+                log.info("restore: group %s uses %d of %d no-drop blocks; splitting", order.ranks,
+                         instance.used_blocks, capacity)
+        return orders
+
+    def restored(self, order: SplitOrder) -> None:
+        self.groups.pop(order.ranks[0], None)
+        self.predicted_blocks.pop(order.ranks[0], None)
+        self.grouped -= set(order.ranks)
+        self.restores += 1
 
     def _predicted_capacity(self, group: Group, freed: dict[int, int]) -> int:
         """Blocks the group can hold: the smallest member's KV bytes over its new block size."""
@@ -71,7 +93,7 @@ class DropController:
 
     def metrics(self) -> dict:
         return {
-            "drops_total": self.drops, "drop_fallbacks_total": self.fallbacks,
+            "drops_total": self.drops, "restores_total": self.restores, "drop_fallbacks_total": self.fallbacks,
             "kv_bytes_exchanged_total": self.bytes_exchanged, "drop_stall_seconds": self.stall_seconds,
             "pipeline_groups": len(self.predicted_blocks),
             "drop_predicted_blocks": sum(self.predicted_blocks.values()),

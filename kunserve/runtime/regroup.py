@@ -195,3 +195,159 @@ def _group_capacity(engine, order: MergeOrder, rank: int, group) -> int:
         send_object(own, order.ranks[0], group)
         return own
     return min([own] + [recv_object(peer, group) for peer in order.ranks[1:]])
+
+
+# -- restore: the group splits back into single instances ---------------------------------------
+
+@attrs.frozen
+class SplitOrder:
+    """Split the group ``ranks`` (pipeline order, ``slices``) back into single instances."""
+
+    ranks: tuple[int, ...]
+    slices: tuple[LayerRange, ...]
+
+
+def split_group(engine, order: SplitOrder, rank: int, group):
+    """Run this rank's part of a restore; returns (assignment request -> rank, stats).
+
+    1. the leader assigns every request to a member (running ones balanced by KV blocks);
+    2. each member sends its layers' KV of every running request to the request's new owner,
+       and its weights to every peer (pulled back from the peer that holds them);
+    3. each member takes its dropped chunks back from the KV cache, rebuilds the whole model
+       and writes the received KV into full-model blocks; requests resume where they were.
+    """
+    start = time.perf_counter()
+    assignment = _assign(engine, order, rank, group)
+    pieces, sent = _gather_kv(engine, order, rank, assignment, group)
+    weights, sent_w = _share_weights(engine.model, order, rank, group)
+    _restore_full_model(engine, engine.model, weights)
+    _resume_requests(engine, order, rank, assignment, pieces, group)
+    stats = MergeStats(sent + sent_w, time.perf_counter() - start, True)
+    log.info("rank %d left group %s: %d KV blocks, %d requests, %d bytes sent, %.3f s", rank, order.ranks,
+             engine.block_manager.num_blocks, len(engine.requests), stats.bytes_sent, stats.seconds)
+    return assignment, stats
+
+
+def _assign(engine, order: SplitOrder, rank: int, group) -> dict[str, int]:
+    leader = order.ranks[0]
+    if rank != leader:
+        return recv_object(leader, group)
+    load = {r: 0 for r in order.ranks}
+    assignment = {}
+    for request in sorted(engine.scheduler.running, key=lambda r: r.metrics.arrival_time):
+        target = min(order.ranks, key=lambda r: (load[r], r))
+        assignment[request.request_id] = target
+        load[target] += len(engine.block_manager.block_table(request.request_id))
+    for i, request in enumerate(engine.scheduler.waiting):
+        assignment[request.request_id] = order.ranks[i % len(order.ranks)]
+    for peer in order.ranks[1:]:
+        send_object(assignment, peer, group)
+    return assignment
+
+
+def _pairs(ranks):
+    """Ordered (sender, receiver) pairs, the same global order on every member."""
+    for i, a in enumerate(ranks):
+        for b in ranks[i + 1:]:
+            yield (a, b)
+            yield (b, a)
+
+
+def _gather_kv(engine, order: SplitOrder, rank: int, assignment: dict[str, int], group):
+    """KV pieces ``{request_id: {slice: tensor [pages, layers, 2, bs, kv_heads, hd]}}`` this rank
+    will own, and the bytes it sent. Only running requests (in the leader's order) have KV."""
+    storage, bm = engine.kv_cache.storage, engine.block_manager
+    mine = order.slices[order.ranks.index(rank)]
+    running = [rid for rid in assignment if bm.block_table(rid)]
+    local = {rid: storage[torch.tensor(bm.block_table(rid), device=storage.device)].clone() for rid in running}
+    pieces = {rid: {mine: local[rid]} for rid in running if assignment[rid] == rank}
+    sent = 0
+    for src, dst in _pairs(order.ranks):
+        if rank == src:
+            batch = {rid: local[rid] for rid in running if assignment[rid] == dst}
+            send_object({rid: tuple(t.shape) for rid, t in batch.items()}, dst, group)
+            for t in batch.values():
+                dist.send(t.contiguous(), dst)
+                sent += t.numel() * t.element_size()
+        elif rank == dst:
+            theirs = order.slices[order.ranks.index(src)]
+            for rid, shape in recv_object(src, group).items():
+                t = torch.empty(shape, dtype=storage.dtype, device=storage.device)
+                dist.recv(t, src)
+                pieces.setdefault(rid, {})[theirs] = t
+    return pieces, sent
+
+
+def _share_weights(model, order: SplitOrder, rank: int, group):
+    """Every member sends its stage's parameters to every peer; returns what it received."""
+    received, sent = {}, 0
+    own = {n: p.detach() for n, p in model.named_parameters()}
+    for src, dst in _pairs(order.ranks):
+        if rank == src:
+            send_object({n: tuple(p.shape) for n, p in own.items()}, dst, group)
+            for p in own.values():
+                dist.send(p.contiguous(), dst)
+                sent += p.numel() * p.element_size()
+        elif rank == dst:
+            for name, shape in recv_object(src, group).items():
+                t = torch.empty(shape, dtype=next(iter(own.values())).dtype, device=next(iter(own.values())).device)
+                dist.recv(t, src)
+                received[name] = t
+    return received, sent
+
+
+def _restore_full_model(engine, stage_model, weights: dict[str, torch.Tensor]) -> None:
+    """Take the dropped chunks back, refill them from ``weights``, rebuild the whole model and
+    view the KV cache with full-model blocks again."""
+    from kunserve.models import build_model
+
+    memory = engine.memory
+    memory.kv_cache.storage = None  # the only KV view: released before the tail is unmapped
+    engine.block_manager.reset(0)
+    dropped = list(memory.unified.dropped)
+    memory.unified.restore(dropped)
+    kept = {n: p for n, p in stage_model.named_parameters()}
+    with torch.device("meta"):
+        full = build_model(engine.model_config)
+    for name, param in list(full.named_parameters()):
+        tensor = kept.get(name)
+        if tensor is None:
+            tensor = memory.placement.allocate(name, param.shape, engine.dtype)
+            tensor.copy_(weights[name])
+        module_path, _, leaf = name.rpartition(".")
+        setattr(full.get_submodule(module_path), leaf, torch.nn.Parameter(tensor, requires_grad=False))
+    engine.model = full.eval()
+    memory.executed_units = set(memory.placement.unit_bytes)
+    memory.relayout(full.layer_ids)
+    engine.block_manager.reset(memory.kv_cache.num_blocks)
+
+
+def _resume_requests(engine, order: SplitOrder, rank: int, assignment, pieces, group) -> None:
+    """The leader hands every member its requests; each writes their KV into full blocks."""
+    from kunserve.runtime.model_runner import ModelRunner
+
+    scheduler, leader = engine.scheduler, order.ranks[0]
+    if rank == leader:
+        everyone = list(scheduler.running) + list(scheduler.waiting)
+        for peer in order.ranks[1:]:
+            send_object([r for r in everyone if assignment[r.request_id] == peer], peer, group)
+            for r in everyone:
+                if assignment[r.request_id] == peer:
+                    engine.requests.pop(r.request_id, None)
+                    engine._text_len.pop(r.request_id, None)
+        mine = [r for r in everyone if assignment[r.request_id] == rank]
+    else:
+        mine = recv_object(leader, group)
+        for r in mine:
+            engine.requests[r.request_id] = r
+            engine._text_len[r.request_id] = 0
+    scheduler.running[:] = sorted((r for r in mine if r.request_id in pieces), key=lambda r: r.metrics.arrival_time)
+    scheduler.waiting.clear()
+    scheduler.waiting.extend(sorted((r for r in mine if r.request_id not in pieces), key=lambda r: r.metrics.arrival_time))
+    storage, bm = engine.kv_cache.storage, engine.block_manager
+    for request in scheduler.running:
+        bm.allocate(request.request_id, request.num_computed_tokens)
+        index = torch.tensor(bm.block_table(request.request_id), device=storage.device)
+        for (first, last), data in pieces[request.request_id].items():
+            storage[index, first:last] = data
+    engine.runner = ModelRunner(engine.model, engine.kv_cache, bm, engine.device, engine.config.seed)

@@ -1,0 +1,72 @@
+"""A burst on a 2-rank CPU cluster: the vllm policy (recompute preemption) vs kunserve (drop).
+
+    python benchmarks/drop_burst.py [--num-prompts 64] [--input-len 24] [--output-len 16]
+
+Real ``torchrun -m kunserve.serve`` clusters on loopback with a deliberately small KV pool, so
+the burst overloads it; ``kunserve.bench serve`` sends every request at once over HTTP. Prints
+a table (TTFT/TPOT percentiles, drops, merge stall, KV bytes exchanged), then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from kunserve.bench import serve as serve_bench
+from kunserve.bench._launch import LocalCluster
+from kunserve.models.tiny import make_tiny_checkpoint
+
+POOL = ["--num-kv-blocks", "16", "--block-size", "4", "--max-model-len", "64", "--max-num-batched-tokens", "64"]
+
+
+def counters(base_url: str) -> dict[str, float]:
+    values = {}
+    for line in httpx.get(f"{base_url}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            key = name.split("{")[0].removeprefix("kunserve_")
+            values[key] = values.get(key, 0.0) + float(value)
+    return values
+
+
+def run_policy(model: Path, policy: str, args) -> dict:
+    cluster = LocalCluster(model, args.ranks, [*POOL, "--policy", policy, "--restore-hold-s", "1"],
+                           served_model_name="tiny", log_level="WARNING")
+    try:
+        bench = serve_bench.parse_args([
+            "--base-url", cluster.base_url, "--model", "tiny", "--num-prompts", str(args.num_prompts),
+            "--input-len", str(args.input_len), "--output-len", str(args.output_len)])
+        metrics = serve_bench.run(bench)
+        return {**metrics, "counters": counters(cluster.base_url)}
+    finally:
+        cluster.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=24)
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--ranks", type=int, default=2)
+    args = p.parse_args()
+    model = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
+    rows = {policy: run_policy(model, policy, args) for policy in ("vllm", "kunserve")}
+    print(f"\n{'policy':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'req/s':>7} {'drops':>6} "
+          f"{'stall ms':>9} {'KV bytes':>9} {'preempt':>8}")
+    for policy, m in rows.items():
+        c = m["counters"]
+        print(f"{policy:>9} {m['ttft_s']['median'] * 1e3:>9.1f} {m['ttft_s']['p99'] * 1e3:>9.1f} "
+              f"{m['tpot_s']['median'] * 1e3:>9.1f} {m['request_throughput']:>7.1f} {c.get('drops_total', 0):>6.0f} "
+              f"{c.get('drop_stall_seconds', 0) * 1e3:>9.1f} {c.get('kv_bytes_exchanged_total', 0):>9.0f} "
+              f"{c.get('preemptions_total', 0):>8.0f}")
+    ratio = rows["vllm"]["ttft_s"]["p99"] / rows["kunserve"]["ttft_s"]["p99"]
+    print(f"P99 TTFT vllm / kunserve: {ratio:.2f}x")
+    print(json.dumps({"bench": "drop_burst", **vars(args), "p99_ttft_ratio": ratio, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
