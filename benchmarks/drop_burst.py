@@ -56,12 +56,13 @@ def main() -> None:
     model = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
     rows = {policy: run_policy(model, policy, args) for policy in ("vllm", "kunserve")}
     print(f"\n{'policy':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'req/s':>7} {'drops':>6} "
-          f"{'stall ms':>9} {'KV bytes':>9} {'preempt':>8}")
+          f"{'stall ms':>9} {'detect->cap ms':>15} {'KV bytes':>9} {'preempt':>8}")
     for policy, m in rows.items():
         c = m["counters"]
         print(f"{policy:>9} {m['ttft_s']['median'] * 1e3:>9.1f} {m['ttft_s']['p99'] * 1e3:>9.1f} "
               f"{m['tpot_s']['median'] * 1e3:>9.1f} {m['request_throughput']:>7.1f} {c.get('drops_total', 0):>6.0f} "
-              f"{c.get('drop_stall_seconds', 0) * 1e3:>9.1f} {c.get('kv_bytes_exchanged_total', 0):>9.0f} "
+              f"{c.get('drop_stall_seconds', 0) * 1e3:>9.1f} {c.get('drop_detect_to_capacity_seconds', 0) * 1e3:>15.1f} "
+              f"{c.get('kv_bytes_exchanged_total', 0):>9.0f} "
               f"{c.get('preemptions_total', 0):>8.0f}")
     ratio = rows["vllm"]["ttft_s"]["p99"] / rows["kunserve"]["ttft_s"]["p99"]
     print(f"P99 TTFT vllm / kunserve: {ratio:.2f}x")

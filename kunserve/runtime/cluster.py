@@ -250,7 +250,7 @@ class ClusterDriver:
                 for request_id, instance in self.owner.items():
                     if instance == member:
                         self.owner[request_id] = leader
-            self.drop.drops += 1
+            self.drop.merged()
         for report in reports:
             if report.merge is not None:
                 self.drop.record(report.merge.bytes_sent, report.merge.seconds)

@@ -38,6 +38,8 @@ class DropController:
         self.drops = self.restores = self.fallbacks = self.bytes_exchanged = 0
         self.groups: dict[int, tuple[MergeOrder, float]] = {}  # leader -> (order, merge time)
         self.stall_seconds = 0.0
+        self.detect_to_capacity_seconds = 0.0  # overload seen -> merged group's blocks admissible
+        self._detected_at: float | None = None
         self.predicted_blocks: dict[int, int] = {}  # group leader -> planner-predicted capacity
         self._reported_fallback = False
 
@@ -54,6 +56,8 @@ class DropController:
             self.fallbacks += 1
             log.warning("overload needs %d bytes of KV but dropping frees at most %d: falling back to "
                         "recompute preemption; the cluster needs more instances", required, plan.total_freed_bytes)
+        if plan.merged:
+            self._detected_at = time.monotonic()
         for group in plan.merged:
             self.grouped |= set(group.members)
             self.groups[group.members[0]] = (MergeOrder(group.members, group.slices), time.monotonic())
@@ -91,10 +95,17 @@ class DropController:
         self.bytes_exchanged += bytes_sent
         self.stall_seconds = max(self.stall_seconds, seconds)
 
+    def merged(self) -> None:
+        """The merge step finished: the queued requests are admitted from the next step on."""
+        self.drops += 1
+        if self._detected_at is not None:
+            self.detect_to_capacity_seconds = max(self.detect_to_capacity_seconds, time.monotonic() - self._detected_at)
+
     def metrics(self) -> dict:
         return {
             "drops_total": self.drops, "restores_total": self.restores, "drop_fallbacks_total": self.fallbacks,
             "kv_bytes_exchanged_total": self.bytes_exchanged, "drop_stall_seconds": self.stall_seconds,
+            "drop_detect_to_capacity_seconds": self.detect_to_capacity_seconds,
             "pipeline_groups": len(self.predicted_blocks),
             "drop_predicted_blocks": sum(self.predicted_blocks.values()),
         }
