@@ -26,6 +26,8 @@ import attrs
 import torch
 import torch.distributed as dist
 
+from kunserve.policy.drop import Group
+from kunserve.policy.exchange import ResidentRequest, plan_exchange
 from kunserve.runtime.block_manager import BlockManager
 from kunserve.runtime.pipeline import GroupLayout, PipelineRunner, StageWorker
 from kunserve.runtime.transport import recv_object, send_object
@@ -77,24 +79,30 @@ def reslice_model(model, first: int, last: int) -> list:
 
 def _relayout(engine, order: MergeOrder, rank: int) -> dict[int, dict[str, list[int]]]:
     """Steps 1-2. Returns, per peer rank, the pages (new layout) holding that peer's layers of
-    each running request; the kept pages are adopted by the requests themselves."""
+    each running request; the kept pages are adopted by the requests themselves. Which layers
+    go where is the exchange planner's decision."""
     memory, bm = engine.memory, engine.block_manager
     old_first, old_last = engine.model.layer_range
     first, last = order.slice_of(rank)
-    ratio, offset = (old_last - old_first) // (last - first), (first - old_first) // (last - first)
-    tables = {r.request_id: list(bm.block_table(r.request_id)) for r in engine.scheduler.running}
+    width = last - first  # layers per new block; every slice has this width (aligned merge)
+    ratio = (old_last - old_first) // width
+    residents = [ResidentRequest(r.request_id, rank, r.num_computed_tokens, tuple(bm.block_table(r.request_id)))
+                 for r in engine.scheduler.running]
+    plan = plan_exchange((Group((rank,), ((old_first, old_last),)),), Group(order.ranks, order.slices), residents)
     memory.executed_units -= set(reslice_model(engine.model, first, last))
     memory.drop_units(memory.placement_units() - memory.executed_units)
     memory.relayout(range(first, last))
     bm.reset(memory.kv_cache.num_blocks)
+
+    def pages(transfer) -> list[int]:  # old block b, layers at offset k*width -> new block b*ratio + k
+        return [b * ratio + (transfer.layers[0] - old_first) // width for b in transfer.src_pages]
+
+    for kept in plan.kept:
+        bm.adopt(kept.request_id, pages(kept))
     outbound: dict[int, dict[str, list[int]]] = {}
-    for request_id, table in tables.items():
-        bm.adopt(request_id, [b * ratio + offset for b in table])
-        for peer, (a, _b) in zip(order.ranks, order.slices):
-            if peer != rank:
-                pages = [b * ratio + (a - old_first) // (last - first) for b in table]
-                bm.adopt(f"outbound:{peer}:{request_id}", pages)
-                outbound.setdefault(peer, {})[request_id] = pages
+    for move in plan.transfers:
+        bm.adopt(f"outbound:{move.dst}:{move.request_id}", pages(move))
+        outbound.setdefault(move.dst, {})[move.request_id] = pages(move)
     return outbound
 
 
