@@ -20,6 +20,7 @@ from kunserve.serving import AsyncEngine  # noqa: E402
 from kunserve.serving.api_server import build_app, make_server  # noqa: E402
 from kunserve.serving.metrics import render_metrics  # noqa: E402
 from kunserve.serving.protocol import TextDeltas  # noqa: E402
+from test_async_engine import wait_idle  # noqa: E402
 
 MODEL = "tiny-llama"
 ENGINE_ARGS = dict(num_kv_blocks=64, max_model_len=128)
@@ -75,17 +76,6 @@ def stream(http, path: str, body: dict) -> list:
         events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
     assert events and events[-1] == "[DONE]", events[-3:]
     return [json.loads(e) for e in events[:-1]]
-
-
-def wait_idle(engine: AsyncEngine, timeout: float = 5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        snap = engine.metrics_snapshot()
-        inst = snap["instances"]["0"]
-        if inst["requests_running"] == inst["requests_waiting"] == 0 and inst["kv_cache_free_blocks"] == 64:
-            return snap
-        time.sleep(0.01)
-    raise AssertionError(f"engine not idle: {engine.metrics_snapshot()}")
 
 
 # -- correctness ---------------------------------------------------------------------------------
