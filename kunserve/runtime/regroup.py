@@ -28,7 +28,6 @@ import torch.distributed as dist
 
 from kunserve.policy.drop import Group
 from kunserve.policy.exchange import ResidentRequest, plan_exchange
-from kunserve.runtime.block_manager import BlockManager
 from kunserve.runtime.pipeline import GroupLayout, PipelineRunner, StageWorker
 from kunserve.runtime.transport import recv_object, send_object
 
@@ -106,49 +105,43 @@ def _relayout(engine, order: MergeOrder, rank: int) -> dict[int, dict[str, list[
     return outbound
 
 
-def _exchange(engine, order: MergeOrder, rank: int, outbound, group) -> int:
-    """Step 3: pairwise, in one global order (lower rank sends first), so no pair deadlocks."""
-    sent = 0
+def _exchange(engine, order: MergeOrder, rank: int, outbound: dict[int, dict[str, list[int]]], group) -> int:
+    """Step 3. Manifests go pairwise in one global order; then, peer by peer, this member posts
+    its send (non-blocking), receives the peer's pages into a buffer and frees what it sent, so
+    received pages are allocated only once the outbound ones are free (a full member still has
+    room). Returns the bytes sent."""
     storage, bm = engine.kv_cache.storage, engine.block_manager
-    for i, a in enumerate(order.ranks):
-        for b in order.ranks[i + 1:]:
-            if rank not in (a, b):
-                continue
-            peer = b if rank == a else a
-            for direction in ((a, b), (b, a)):
-                if direction[0] == rank:
-                    sent += _send_pages(storage, bm, outbound.get(peer, {}), peer, group)
-                else:
-                    _recv_pages(engine, peer, group)
+    manifests: dict[int, dict[str, int]] = {}
+    for src, dst in _pairs(order.ranks):
+        if rank == src:
+            send_object({rid: len(pages) for rid, pages in outbound.get(dst, {}).items()}, dst, group)
+        elif rank == dst:
+            manifests[src] = recv_object(src, group)
+    sent, incoming = 0, []
+    for peer in (p for p in order.ranks if p != rank):
+        mine = outbound.get(peer, {})
+        work = None
+        if mine:
+            index = torch.tensor([p for pages in mine.values() for p in pages], device=storage.device)
+            data = storage[index].contiguous()  # [pages, layers, 2, block_size, kv_heads, head_dim]
+            work = dist.isend(data, peer)
+            sent += data.numel() * data.element_size()
+        if manifests[peer]:
+            buffer = torch.empty((sum(manifests[peer].values()), *storage.shape[1:]), dtype=storage.dtype,
+                                 device=storage.device)
+            dist.recv(buffer, peer)
+            incoming.append((manifests[peer], buffer))
+        if work is not None:
+            work.wait()
+            for rid in mine:
+                bm.free(f"outbound:{peer}:{rid}")
+    for manifest, buffer in incoming:
+        pages = []
+        for rid, count in manifest.items():
+            bm.adopt(rid, bm.take_free(count))
+            pages += bm.block_table(rid)
+        storage[torch.tensor(pages, device=storage.device)] = buffer
     return sent
-
-
-def _send_pages(storage, bm: BlockManager, pages_by_request: dict[str, list[int]], peer: int, group) -> int:
-    manifest = {rid: (len(pages), None) for rid, pages in pages_by_request.items()}
-    send_object(manifest, peer, group)
-    if not pages_by_request:
-        return 0
-    index = torch.tensor([p for pages in pages_by_request.values() for p in pages], device=storage.device)
-    data = storage[index].contiguous()  # [n_pages, layers, 2, block_size, kv_heads, head_dim]
-    dist.send(data, peer)
-    for rid in pages_by_request:
-        bm.free(f"outbound:{peer}:{rid}")
-    return data.numel() * data.element_size()
-
-
-def _recv_pages(engine, peer: int, group) -> None:
-    manifest: dict[str, tuple[int, None]] = recv_object(peer, group)
-    if not manifest:
-        return
-    storage, bm = engine.kv_cache.storage, engine.block_manager
-    total = sum(n for n, _ in manifest.values())
-    data = torch.empty((total, *storage.shape[1:]), dtype=storage.dtype, device=storage.device)
-    dist.recv(data, peer)
-    pages = []
-    for rid, (n, _) in manifest.items():
-        bm.adopt(rid, bm.take_free(n))
-        pages += bm.block_table(rid)
-    storage[torch.tensor(pages, device=storage.device)] = data
 
 
 def _gather_requests(engine, order: MergeOrder, rank: int, group) -> None:
