@@ -20,7 +20,8 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+        "bench": ["httpx>=0.27", "matplotlib>=3.7"],
         "gpu": ["triton>=3.0", "cuda-bindings>=12.6"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "httpx>=0.27", "openai>=1.30"],
     },
