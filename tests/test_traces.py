@@ -61,7 +61,7 @@ def test_missing_file_says_where_to_look():
 
 def test_shipped_traces_resolve_from_anywhere(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    path = traces.resolve_trace_path("data/traces/AzureLLMInferenceTrace_code.csv")
+    path = traces.resolve_trace_path("AzureLLMInferenceTrace_code.csv")
     with open(path) as f:
         assert f.readline().strip() == "TIMESTAMP,ContextTokens,GeneratedTokens"
 

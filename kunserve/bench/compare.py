@@ -1,7 +1,7 @@
 """Run one workload against several serving policies and compare them.
 
     python -m kunserve.bench compare --policies vllm kunserve --ranks 2 \\
-        [--model DIR] [--trace data/traces/AzureLLMInferenceTrace_conv.csv | --synthetic onoff] \\
+        [--model DIR] [--trace AzureLLMInferenceTrace_conv.csv | --synthetic onoff] \\
         [--out DIR]
 
 Each policy gets a fresh ``torchrun -m kunserve.serve`` cluster on loopback (built-in tiny model
@@ -217,7 +217,7 @@ def p99_ttft_ratio(summary: dict[str, dict], baseline: str = "vllm", ours: str =
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--trace", help="Azure-format CSV (e.g. data/traces/AzureLLMInferenceTrace_conv.csv)")
+    g.add_argument("--trace", help="Azure-format CSV (e.g. AzureLLMInferenceTrace_conv.csv, shipped in kunserve/data/traces)")
     g.add_argument("--trace-start-s", type=float, default=0.0)
     g.add_argument("--trace-duration-s", type=float, default=None)
     g.add_argument("--token-scale", type=float, default=1.0, help="multiply trace lengths before clipping")

@@ -1,7 +1,7 @@
 """Request arrivals for the benchmarks: Azure LLM inference traces and synthetic bursty traffic.
 
 A ``Trace`` is arrival offsets (seconds from the window start) with prompt and output lengths.
-It comes from a CSV (``TIMESTAMP,ContextTokens,GeneratedTokens``, see data/traces/README.md) or
+It comes from a CSV (``TIMESTAMP,ContextTokens,GeneratedTokens``, see kunserve/data/traces/README.md) or
 from a synthetic generator (gamma inter-arrivals; BurstGPT-like on/off bursts), can be cut to a
 time window, upscaled while keeping its temporal pattern, scaled to a target mean KV demand, and
 turned into ``WorkItem``s for the HTTP load client.
@@ -20,8 +20,9 @@ import attrs
 from kunserve.bench.serve import WorkItem
 
 COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TRACE_DIR = REPO_ROOT / "data" / "traces"
+# The Azure traces ship inside the package (kunserve/data/traces), so they resolve from an
+# installed kunserve too, whatever the working directory.
+TRACE_DIR = Path(__file__).resolve().parents[1] / "data" / "traces"
 
 
 class TraceFormatError(ValueError):
@@ -53,13 +54,13 @@ def _from_rows(rows: list[tuple[float, int, int]], duration_s: float | None = No
 # --- CSV ------------------------------------------------------------------------------------------
 
 def resolve_trace_path(path: str | Path) -> Path:
-    """``path`` as given, else relative to the repository root, else under data/traces."""
-    for candidate in (Path(path), REPO_ROOT / path, TRACE_DIR / path):
+    """``path`` as given, else a trace of that file name shipped in kunserve/data/traces."""
+    for candidate in (Path(path), TRACE_DIR / Path(path).name):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
         f"trace file {str(path)!r} not found (looked in ., {REPO_ROOT}, {TRACE_DIR}); the Azure traces "
-        f"ship in the repository's data/traces/ (source: github.com/Azure/AzurePublicDataset)")
+        f"ship in kunserve/data/traces/ (source: github.com/Azure/AzurePublicDataset)")
 
 
 def _parse_timestamp(text: str) -> datetime:
