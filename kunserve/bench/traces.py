@@ -59,7 +59,7 @@ def resolve_trace_path(path: str | Path) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"trace file {str(path)!r} not found (looked in ., {REPO_ROOT}, {TRACE_DIR}); the Azure traces "
+        f"trace file {str(path)!r} not found (looked in the working directory and {TRACE_DIR}); the Azure traces "
         f"ship in kunserve/data/traces/ (source: github.com/Azure/AzurePublicDataset)")
 
 
