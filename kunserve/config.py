@@ -33,6 +33,7 @@ class EngineConfig:
     max_model_len: int | None = attrs.field(default=None, validator=_positive)
     max_num_seqs: int = attrs.field(default=256, validator=_positive)
     max_num_batched_tokens: int = attrs.field(default=2048, validator=_positive)
+    enforce_eager: bool = False  # CUDA: never replay decode steps from CUDA graphs
     # Pipeline stage: build only layers [first, last) (None: the whole model).
     layer_range: tuple[int, int] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
 

@@ -9,6 +9,10 @@ Sequences are split into *attention groups* so padding stays cheap: all single-t
 sequences form one group; every multi-token (prefill / chunked prefill) sequence is its own
 group. Within a group queries are padded to the longest query and keys to the longest context.
 ``AttentionMetadata`` is built once per step and shared by every layer.
+
+Dispatch: ``write_kv`` and ``paged_attention`` take either this module's ``AttentionMetadata``
+(the reference path, any device) or ``triton_attention.TritonAttentionMetadata`` (the CUDA path,
+built by ``model_runner``), and run the matching implementation.
 """
 
 from __future__ import annotations
@@ -115,9 +119,20 @@ def _build_group(members, starts, query_lens, context_lens, block_tables, block_
     )
 
 
+def _triton_path(meta):
+    """The Triton module if ``meta`` is device metadata for it, else None (reference path)."""
+    if isinstance(meta, AttentionMetadata):
+        return None
+    from kunserve.runtime import triton_attention  # imported lazily: CPU installs have no Triton
+
+    return triton_attention
+
+
 def write_kv(k_cache, v_cache, k, v, meta: AttentionMetadata) -> None:
     """Store this step's K/V rows. caches: [num_blocks, block_size, kv_heads, head_dim];
     k, v: [T, kv_heads, head_dim]. Works on strided (block-major) cache views too."""
+    if (triton_path := _triton_path(meta)) is not None:
+        return triton_path.write_kv(k_cache, v_cache, k, v, meta)
     k_cache[meta.slot_blocks, meta.slot_offsets] = k
     v_cache[meta.slot_blocks, meta.slot_offsets] = v
 
@@ -130,6 +145,8 @@ def paged_attention(
     scale: float,
     window: int | None = None,
 ) -> torch.Tensor:  # [T, heads, head_dim]
+    if (triton_path := _triton_path(meta)) is not None:
+        return triton_path.paged_attention(q, k_cache, v_cache, meta, scale, window)
     out = torch.empty_like(q)
     for g in meta.groups:
         qg = q[g.query_index].transpose(1, 2)  # [b, heads, max_q, D]

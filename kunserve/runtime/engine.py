@@ -29,7 +29,8 @@ from kunserve.tokenizer import find_stop_string, load_tokenizer
 log = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
-_GPU_KV_FRACTION_OF_FREE = 0.85
+_GPU_MEMORY_UTILIZATION = 0.92  # of the device's total memory; the rest is left for others
+_GPU_GRAPH_RESERVE_BYTES = 512 << 20  # decode CUDA graphs' private pool
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,7 +74,7 @@ class LLMEngine:
         self._load_weights(self.memory.allocator)
         self.kv_cache, self.block_manager = self.memory.kv_cache, self.memory.block_manager
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, self.device, config.seed)
+        self.runner = self.make_runner()
         self.requests: dict[str, Request] = {}
         self._text_len: dict[str, int] = {}
         self._ids = itertools.count()
@@ -131,10 +132,33 @@ class LLMEngine:
         if self.config.kv_cache_memory_bytes is not None:
             return self.config.kv_cache_memory_bytes
         if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            weights = sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize
-            return int((free - weights) * _GPU_KV_FRACTION_OF_FREE)
+            return self._profiled_cuda_kv_budget()
         return _CPU_DEFAULT_KV_BYTES
+
+    def _profiled_cuda_kv_budget(self) -> int:
+        """What is free after the weights, the peak activation of a profiled forward of
+        ``max_num_batched_tokens`` tokens, the CUDA-graph reserve and the utilisation margin
+        (vLLM's method). Runs before the weights are loaded, so it profiles a one-layer copy."""
+        from kunserve.runtime.memory_profile import peak_activation_bytes
+
+        cfg = self.config
+        activation = peak_activation_bytes(
+            self.model_config, self.dtype, self.device, cfg.max_num_batched_tokens, cfg.block_size,
+            self.max_model_len, cfg.max_num_seqs)
+        free, total = torch.cuda.mem_get_info(self.device)
+        weights = sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize
+        graphs = 0 if cfg.enforce_eager else _GPU_GRAPH_RESERVE_BYTES
+        budget = free - int((1 - _GPU_MEMORY_UTILIZATION) * total) - weights - activation - graphs
+        log.info("CUDA memory: %.2f GiB free, weights %.2f GiB, peak activation %.2f GiB -> KV %.2f GiB",
+                 free / 2**30, weights / 2**30, activation / 2**30, budget / 2**30)
+        return max(budget, 0)
+
+    def make_runner(self) -> ModelRunner:
+        """A runner for the current model and KV cache (rebuilt when a group splits back)."""
+        cfg = self.config
+        return ModelRunner(self.model, self.kv_cache, self.block_manager, self.device, cfg.seed,
+                           enforce_eager=cfg.enforce_eager, max_num_seqs=cfg.max_num_seqs,
+                           max_model_len=self.max_model_len, weight_placement=self.memory.placement)
 
     # -- weights <-> KV cache ----------------------------------------------------------------
     def drop_weights(self, units) -> int:
@@ -261,6 +285,6 @@ class LLMEngine:
         )
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt,
-            prompt_token_ids=request.token_ids[: request.num_prompt_tokens],
+            prompt_token_ids=request.prompt_token_ids,
             outputs=[completion], finished=status.finished, metrics=request.metrics,
         )

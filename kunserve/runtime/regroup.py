@@ -325,8 +325,6 @@ def _restore_full_model(engine, stage_model, weights: dict[str, torch.Tensor]) -
 
 def _resume_requests(engine, order: SplitOrder, rank: int, assignment, pieces, group) -> None:
     """The leader hands every member its requests; each writes their KV into full blocks."""
-    from kunserve.runtime.model_runner import ModelRunner
-
     scheduler, leader = engine.scheduler, order.ranks[0]
     if rank == leader:
         everyone = list(scheduler.running) + list(scheduler.waiting)
@@ -351,4 +349,4 @@ def _resume_requests(engine, order: SplitOrder, rank: int, assignment, pieces, g
         index = torch.tensor(bm.block_table(request.request_id), device=storage.device)
         for (first, last), data in pieces[request.request_id].items():
             storage[index, first:last] = data
-    engine.runner = ModelRunner(engine.model, engine.kv_cache, bm, engine.device, engine.config.seed)
+    engine.runner = engine.make_runner()

@@ -45,6 +45,7 @@ class Request:
         self.request_id = request_id
         self.prompt = prompt
         self.token_ids = list(prompt_token_ids)
+        self.prompt_token_ids = list(prompt_token_ids)  # kept apart: outputs share it every step
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.max_total_tokens = max_total_tokens
