@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from kunserve.bench.workload import build_workload
 from kunserve.bench import compare, plots
 from kunserve.bench._metrics import RequestRecord
 
@@ -109,7 +110,7 @@ def test_plots_write_nonempty_pngs(tmp_path):
 
 def test_synthetic_workload_is_the_same_for_every_policy():
     args = compare.parse_args(["--num-prompts", "20"])
-    a, b = compare.build_trace(args, 128), compare.build_trace(args, 128)
+    a, b = build_workload(args, 128), build_workload(args, 128)
     assert a == b and len(a) == 20 and max(p + o for p, o in zip(a.prompt_lens, a.output_lens)) <= 64
 
 

@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from kunserve.bench import traces
-from kunserve.bench.serve import WorkItem
+from kunserve.bench.traces import WorkItem
 
 CSV = """TIMESTAMP,ContextTokens,GeneratedTokens
 2023-11-16 18:15:46.0000000,100,10

@@ -3,9 +3,10 @@
     python -m kunserve.bench serve --base-url http://127.0.0.1:8000 --model NAME \\
         --num-prompts 200 --input-len 64 --output-len 32 --request-rate 20 --burstiness 1
 
-Arrivals: Poisson (``--burstiness 1``) or gamma inter-arrival times (burstiness < 1 is
-burstier), at ``--request-rate`` requests/s (``inf``: all at once). Prompts are random token
-ids, so any model and tokenizer work. Prints a table, then one JSON line.
+Arrivals: a replayed trace (``--trace AzureLLMInferenceTrace_conv.csv`` with windows and
+upscaling, see ``kunserve.bench.workload``), or synthetic: gamma inter-arrival times at
+``--request-rate`` (``inf``: all at once; ``--burstiness`` < 1 is burstier) or on/off bursts.
+Prompts are random token ids, so any model and tokenizer work. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -13,31 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import time
 
-import attrs
-
 from kunserve.bench._metrics import RequestRecord, serving_metrics
-
-
-@attrs.frozen
-class WorkItem:
-    delay_s: float  # send time relative to the start
-    prompt: list[int]
-    max_tokens: int
-
-
-def synthetic_workload(num: int, input_len: int, output_len: int, rate: float, burstiness: float,
-                       vocab: int, seed: int) -> list[WorkItem]:
-    rng = random.Random(seed)
-    items, t = [], 0.0
-    for _ in range(num):
-        items.append(WorkItem(t, [rng.randrange(10, vocab) for _ in range(input_len)], output_len))
-        if rate != float("inf"):
-            # gamma(shape=burstiness, scale=1/(rate*burstiness)) has mean 1/rate (vLLM's choice)
-            t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
-    return items
+from kunserve.bench.traces import WorkItem, to_work_items
+from kunserve.bench.workload import add_workload_args, build_workload
 
 
 async def _one(client, model: str, item: WorkItem, start: float) -> RequestRecord:
@@ -90,20 +71,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kunserve.bench serve", description=__doc__.splitlines()[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", required=True, help="served model name")
-    p.add_argument("--num-prompts", type=int, default=100)
-    p.add_argument("--input-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--request-rate", type=float, default=float("inf"))
-    p.add_argument("--burstiness", type=float, default=1.0)
     p.add_argument("--vocab-size", type=int, default=256, help="prompt token ids are drawn below this")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int, default=4096, help="the server's context: trace lengths are clipped to it")
+    p.add_argument("--kv-capacity-tokens", type=float, default=None, help="the cluster's KV capacity, for --target-demand")
+    add_workload_args(p, synthetic="gamma", num_prompts=100, input_len=64, output_len=32, request_rate=float("inf"))
     return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> dict:
     """Run the load, print the table and the JSON line, return the metrics."""
-    items = synthetic_workload(args.num_prompts, args.input_len, args.output_len, args.request_rate,
-                               args.burstiness, args.vocab_size, args.seed)
+    items = to_work_items(build_workload(args, args.kv_capacity_tokens), args.vocab_size, args.seed)
     records, duration = asyncio.run(run_load(args.base_url, args.model, items))
     metrics = serving_metrics(records, duration)
     print(format_table(metrics))

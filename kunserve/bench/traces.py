@@ -17,12 +17,18 @@ from pathlib import Path
 
 import attrs
 
-from kunserve.bench.serve import WorkItem
 
 COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 # The Azure traces ship inside the package (kunserve/data/traces), so they resolve from an
 # installed kunserve too, whatever the working directory.
 TRACE_DIR = Path(__file__).resolve().parents[1] / "data" / "traces"
+
+
+@attrs.frozen
+class WorkItem:
+    delay_s: float  # send time relative to the start
+    prompt: list[int]
+    max_tokens: int
 
 
 class TraceFormatError(ValueError):
