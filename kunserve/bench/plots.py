@@ -129,6 +129,11 @@ def plot_latency_cdfs(results: dict[str, dict], path: Path) -> Path:
     for ax, name in ((ttft_ax, "TTFT (ms)"), (tpot_ax, "TPOT (ms)")):
         ax.set_xlabel(name)
         ax.set_ylabel("fraction of requests")
+    return _save(fig, (ttft_ax, tpot_ax), path)
+
+
+def _save(fig, axes, path: Path) -> Path:
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -147,12 +152,7 @@ def plot_slo(sweep: dict, path: Path) -> Path:
     good_ax.set_ylabel("goodput (req/s)")
     for ax in (viol_ax, good_ax):
         ax.set_xlabel("SLO scale (x best P50 TTFT and TPOT)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, (viol_ax, good_ax), path)
 
 
 def write_all(out: Path, results: dict[str, dict], sweep: dict, window_s: float = 0.5) -> list[Path]:
