@@ -16,7 +16,7 @@ def test_plan_time(benchmark, num_instances):
     planner = GreedyDropPlanner(LAYOUT, max_group_size=8)
     # Demand that needs every instance merged into groups of 8: the worst case for the heap.
     required = LAYOUT.total_bytes * num_instances
-    plan = benchmark.pedantic(planner.plan, args=(groups, required), rounds=3, warmup_rounds=1)
+    plan = benchmark.pedantic(planner.plan, args=(groups, required), rounds=7, warmup_rounds=2)
     assert max(g.size for g in plan.groups) == 8 and len(plan.groups) == -(-num_instances // 8)
     assert plan.num_merges == num_instances - len(plan.groups)
 
@@ -27,5 +27,5 @@ def test_plan_time_typical_burst(benchmark, num_instances):
     groups = [Group.single(i, LAYOUT.num_layers) for i in range(num_instances)]
     planner = GreedyDropPlanner(LAYOUT, max_group_size=8)
     required = LAYOUT.total_bytes * (num_instances // 10)
-    plan = benchmark.pedantic(planner.plan, args=(groups, required), rounds=3, warmup_rounds=1)
+    plan = benchmark.pedantic(planner.plan, args=(groups, required), rounds=7, warmup_rounds=2)
     assert plan.satisfied and plan.num_merges == num_instances // 10

@@ -36,6 +36,13 @@ def test_smallest_groups_merge_first():
     assert plan.total_freed_bytes == 270 and plan.groups[0].members == (0, 1, 2, 3)
 
 
+def test_overloaded_instances_merge_first_among_equal_sizes():
+    plan = GreedyDropPlanner(LAYOUT).plan(singles(4), required_bytes=90, prefer=frozenset({3}))
+    assert [g.members for g in plan.merged] == [(0, 3)]  # the overloaded one and the next in line
+    plan = GreedyDropPlanner(LAYOUT).plan(singles(4), required_bytes=90, prefer=frozenset({1, 2}))
+    assert [g.members for g in plan.merged] == [(1, 2)]
+
+
 def test_merging_existing_groups_keeps_held_layers():
     """2 + 2 -> 4: every member's new stage lies inside the half it already holds."""
     a = Group((0, 1), ((0, 4), (4, 8)))

@@ -132,7 +132,7 @@ class GreedyDropPlanner:
     stage needs at least one layer) nor ``max_group_size``.
 
     Merged sizes never decrease over time (as in Huffman coding), so instead of a heap the
-    planner keeps two FIFO queues, the initial groups sorted by (size, lowest id) and the merged
+    planner keeps two FIFO queues, the initial groups sorted by (size, preference, lowest id) and the merged
     groups in creation order; the two smallest are always at their fronts. Same result as the
     min-heap, O(N log N) for the sort and O(1) per merge. Stages are assigned once per final
     group, from the members' holdings before the drop.
@@ -143,19 +143,21 @@ class GreedyDropPlanner:
         self.max_group_size = min(max_group_size or layout.num_layers, layout.num_layers)
         self._assignments: dict[tuple, list[tuple[int, int, int]]] = {}
 
-    def plan(self, groups: list[Group], required_bytes: int) -> DropPlan:
+    def plan(self, groups: list[Group], required_bytes: int, prefer: frozenset[int] = frozenset()) -> DropPlan:
+        """``prefer``: instances (e.g. the overloaded ones) that merge first among groups of equal
+        size, so the memory is freed where the queue is."""
         # The planner allocates many small tuples and no cycles; generational GC passes over
         # them would make planning at 10^5 instances superlinear.
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._plan(groups, required_bytes)
+            return self._plan(groups, required_bytes, prefer)
         finally:
             if gc_was_enabled:
                 gc.enable()
 
-    def _plan(self, groups: list[Group], required_bytes: int) -> DropPlan:
-        initial = deque(_by_size_then_lowest_id(groups))
+    def _plan(self, groups: list[Group], required_bytes: int, prefer: frozenset[int]) -> DropPlan:
+        initial = deque(_merge_order(groups, prefer))
         merged: deque = deque()
         too_big: list = []
         freed, copy_bytes = 0, self.layout.total_bytes
@@ -166,9 +168,9 @@ class GreedyDropPlanner:
                 break  # the two smallest are too big to merge: nothing else can be merged
             merged.append((a[0] + b[0], min(a[1], b[1]), a[2] + b[2]))
             freed += copy_bytes  # two copies became one
-        remaining = [*initial, *merged, *too_big]
-        sources = tuple(e[2] for e in remaining if len(e[2]) > 1)
-        unchanged = tuple(e[2][0] for e in remaining if len(e[2]) == 1)
+        # Entries from `initial` were never merged; `merged` ones always were.
+        sources = tuple(e[2] for e in merged) + tuple(e[2] for e in too_big if len(e[2]) > 1)
+        unchanged = tuple(e[2][0] for e in initial) + tuple(e[2][0] for e in too_big if len(e[2]) == 1)
         new_groups, freed_bytes = [], {}
         for parts in sources:
             group, freed = self._merge(parts)
@@ -199,12 +201,18 @@ class GreedyDropPlanner:
         return stages
 
 
-def _by_size_then_lowest_id(groups: list[Group]) -> list:
-    """Queue entries ``(size, lowest member id, (group,))`` in merge order."""
-    entries = [
-        (len(g.members), g.members[0] if len(g.members) == 1 else min(g.members), (g,)) for g in groups
-    ]
-    entries.sort()  # lowest ids are unique, so tuples never compare their group part
+_NOT_PREFERRED = 1 << 48  # added to the id key of groups without a preferred member
+
+
+def _merge_order(groups: list[Group], prefer: frozenset[int]) -> list:
+    """Queue entries ``(size, key, (group,))`` in merge order; key = lowest member id, plus
+    ``_NOT_PREFERRED`` unless a member is preferred (one int keeps comparisons cheap)."""
+    if prefer:
+        entries = [(len(g.members), min(g.members) + (0 if not prefer.isdisjoint(g.members) else _NOT_PREFERRED), (g,))
+                   for g in groups]
+    else:
+        entries = [(len(g.members), min(g.members) + _NOT_PREFERRED, (g,)) for g in groups]
+    entries.sort()  # keys are unique, so tuples never compare their group part
     return entries
 
 

@@ -50,7 +50,8 @@ class DropController:
         required = self.rules.required_bytes(snapshot, self.full_block_bytes)
         singles = [Group.single(i.instance_id, self.layout.num_layers)
                    for i in snapshot.instances if i.instance_id not in self.grouped]
-        plan = self.planner.plan(singles, required)
+        overloaded = frozenset(i.instance_id for i in snapshot.instances if self.rules.is_overloaded(i))
+        plan = self.planner.plan(singles, required, prefer=overloaded)
         if not plan.satisfied and not self._reported_fallback:
             self._reported_fallback = True
             self.fallbacks += 1
