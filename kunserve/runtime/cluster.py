@@ -137,7 +137,6 @@ class ClusterDriver:
         self.local = local_engine
         self.world_size = world_size
         self.group = group
-        self.pipeline_size = pipeline_size
         # Instance i is the group led by rank i * pipeline_size; rank 0 leads instance 0.
         self.instance_rank = {i: i * pipeline_size for i in range(world_size // pipeline_size)}
         self.dispatcher = LoadBalancingDispatcher()

@@ -26,15 +26,14 @@ def weight_layout_of(memory, num_layers: int) -> WeightLayout:
 
 
 class DropController:
-    """Invariant: ``grouped`` holds every instance already merged into a group; only single
-    instances are planned (merging existing groups is not done yet)."""
+    """Invariant: ``groups`` holds every live group (leader -> its merge order and time); only
+    single instances are planned (merging existing groups is not done yet)."""
 
     def __init__(self, layout: WeightLayout, full_block_bytes: int, kv_mapped_bytes: int,
                  rules: OverloadRules | None = None, max_group_size: int | None = None):
         self.layout, self.full_block_bytes, self.kv_mapped_bytes = layout, full_block_bytes, kv_mapped_bytes
         self.planner = GreedyDropPlanner(layout, max_group_size)
         self.rules = rules or OverloadRules()
-        self.grouped: set[int] = set()
         self.drops = self.restores = self.fallbacks = self.bytes_exchanged = 0
         self.groups: dict[int, tuple[MergeOrder, float]] = {}  # leader -> (order, merge time)
         self.stall_seconds = 0.0
@@ -43,13 +42,19 @@ class DropController:
         self.predicted_blocks: dict[int, int] = {}  # group leader -> planner-predicted capacity
         self._reported_fallback = False
 
+    @property
+    def grouped(self) -> set[int]:
+        """Instances that are members of a live group."""
+        return {rank for order, _ in self.groups.values() for rank in order.ranks}
+
     def plan(self, snapshot: ClusterSnapshot) -> list[MergeOrder]:
         if not any(self.rules.is_overloaded(i) for i in snapshot.instances):
             self._reported_fallback = False
             return []
         required = self.rules.required_bytes(snapshot, self.full_block_bytes)
+        grouped = self.grouped
         singles = [Group.single(i.instance_id, self.layout.num_layers)
-                   for i in snapshot.instances if i.instance_id not in self.grouped]
+                   for i in snapshot.instances if i.instance_id not in grouped]
         overloaded = frozenset(i.instance_id for i in snapshot.instances if self.rules.is_overloaded(i))
         plan = self.planner.plan(singles, required, prefer=overloaded)
         if not plan.satisfied and not self._reported_fallback:
@@ -60,7 +65,6 @@ class DropController:
         if plan.merged:
             self._detected_at = time.monotonic()
         for group in plan.merged:
-            self.grouped |= set(group.members)
             self.groups[group.members[0]] = (MergeOrder(group.members, group.slices), time.monotonic())
             self.predicted_blocks[group.members[0]] = self._predicted_capacity(group, plan.freed_bytes)
             log.info("drop: instances %s merge into a pipeline with slices %s (predicted capacity %d blocks)",
@@ -83,7 +87,6 @@ class DropController:
     def restored(self, order: SplitOrder) -> None:
         self.groups.pop(order.ranks[0], None)
         self.predicted_blocks.pop(order.ranks[0], None)
-        self.grouped -= set(order.ranks)
         self.restores += 1
 
     def _predicted_capacity(self, group: Group, freed: dict[int, int]) -> int:

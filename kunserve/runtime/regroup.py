@@ -57,7 +57,6 @@ class MergeOrder:
 class MergeStats:
     bytes_sent: int
     seconds: float
-    kept_in_place: bool
 
 
 def reslice_model(model, first: int, last: int) -> list:
@@ -178,7 +177,7 @@ def merge_into_group(engine, order: MergeOrder, rank: int, group):
     capacity = _group_capacity(engine, order, rank, group)
     layout = GroupLayout(order.ranks, group, None)
     engine.block_manager.reserved = engine.block_manager.num_blocks - capacity
-    stats = MergeStats(sent, time.perf_counter() - start, order.aligned)
+    stats = MergeStats(sent, time.perf_counter() - start)
     log.info("rank %d merged into group %s as stage %s: KV blocks %d (group %d), %d bytes sent, %.3f s",
              rank, order.ranks, order.slice_of(rank), engine.block_manager.num_blocks, capacity, sent, stats.seconds)
     if rank == order.ranks[0]:
@@ -223,7 +222,7 @@ def split_group(engine, order: SplitOrder, rank: int, group):
     weights, sent_w = _share_weights(engine.model, order, rank, group)
     _restore_full_model(engine, engine.model, weights)
     _resume_requests(engine, order, rank, assignment, pieces, group)
-    stats = MergeStats(sent + sent_w, time.perf_counter() - start, True)
+    stats = MergeStats(sent + sent_w, time.perf_counter() - start)
     log.info("rank %d left group %s: %d KV blocks, %d requests, %d bytes sent, %.3f s", rank, order.ranks,
              engine.block_manager.num_blocks, len(engine.requests), stats.bytes_sent, stats.seconds)
     return assignment, stats
