@@ -4,7 +4,8 @@
 
 Real ``torchrun -m kunserve.serve`` clusters on loopback with a deliberately small KV pool, so
 the burst overloads it; ``kunserve.bench serve`` sends every request at once over HTTP. Prints
-a table (TTFT/TPOT percentiles, drops, merge stall, KV bytes exchanged), then one JSON line.
+a table (TTFT/TPOT percentiles, drops, merge pause, exchanged requests with KV bytes and stall
+per request, queued requests that ran during an exchange), then one JSON line.
 """
 
 from __future__ import annotations
@@ -56,14 +57,18 @@ def main() -> None:
     model = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
     rows = {policy: run_policy(model, policy, args) for policy in ("vllm", "kunserve")}
     print(f"\n{'policy':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'req/s':>7} {'drops':>6} "
-          f"{'stall ms':>9} {'detect->cap ms':>15} {'KV bytes':>9} {'preempt':>8}")
+          f"{'pause ms':>9} {'detect->cap ms':>15} {'exch req':>8} {'KB/req':>7} {'stall max ms':>12} "
+          f"{'overlap':>7} {'preempt':>8}")
     for policy, m in rows.items():
         c = m["counters"]
+        exchanged = c.get("exchanged_requests_total", 0)
+        per_request = c.get("kv_bytes_exchanged_total", 0) / exchanged / 1024 if exchanged else 0.0
         print(f"{policy:>9} {m['ttft_s']['median'] * 1e3:>9.1f} {m['ttft_s']['p99'] * 1e3:>9.1f} "
               f"{m['tpot_s']['median'] * 1e3:>9.1f} {m['request_throughput']:>7.1f} {c.get('drops_total', 0):>6.0f} "
-              f"{c.get('drop_stall_seconds', 0) * 1e3:>9.1f} {c.get('drop_detect_to_capacity_seconds', 0) * 1e3:>15.1f} "
-              f"{c.get('kv_bytes_exchanged_total', 0):>9.0f} "
-              f"{c.get('preemptions_total', 0):>8.0f}")
+              f"{c.get('drop_merge_pause_seconds', 0) * 1e3:>9.1f} "
+              f"{c.get('drop_detect_to_capacity_seconds', 0) * 1e3:>15.1f} {exchanged:>8.0f} {per_request:>7.1f} "
+              f"{c.get('exchange_stall_seconds_max', 0) * 1e3:>12.1f} "
+              f"{c.get('exchange_overlapped_requests_total', 0):>7.0f} {c.get('preemptions_total', 0):>8.0f}")
     ratio = rows["vllm"]["ttft_s"]["p99"] / rows["kunserve"]["ttft_s"]["p99"]
     print(f"P99 TTFT vllm / kunserve: {ratio:.2f}x")
     print(json.dumps({"bench": "drop_burst", **vars(args), "p99_ttft_ratio": ratio, "results": rows}))

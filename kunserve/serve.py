@@ -29,11 +29,19 @@ from kunserve.runtime.cluster import ClusterDriver, RankState, run_rank
 from kunserve.runtime.drop_controller import DropController, weight_layout_of
 from kunserve.runtime.engine import LLMEngine, resolve_device
 from kunserve.runtime.pipeline import GroupLayout, PipelineRunner, StageWorker
+from kunserve.runtime.regroup import DEFAULT_EXCHANGE_CHUNK_BYTES
 
 log = logging.getLogger("kunserve.serve")
 
 # Idle servers send nothing for hours; a control receive must not time out meanwhile.
 _CONTROL_TIMEOUT = datetime.timedelta(days=365)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="kunserve: restore a group when its KV use is below this share of its no-drop capacity")
     p.add_argument("--restore-hold-s", type=float, default=5.0,
                    help="kunserve: a group lives at least this long before it may be restored")
+    p.add_argument("--exchange-chunk-bytes", type=_positive_int, default=DEFAULT_EXCHANGE_CHUNK_BYTES,
+                   help="kunserve: KV bytes one link carries per exchange round after a merge (about the "
+                        "link bandwidth x one pipeline stage's compute time)")
     p.add_argument("--pipeline-size", type=int, default=1,
                    help="ranks per instance: each instance is a static pipeline of this many stages")
     p.add_argument("--log-level", default="INFO")
@@ -80,8 +91,13 @@ def init_cluster(world_size: int, device: torch.device):
     """Join torchrun's process group; returns the gloo control group (None when alone)."""
     if world_size == 1:
         return None
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=_CONTROL_TIMEOUT)
+    if device.type == "cuda":
+        # device_id initialises the NCCL communicator eagerly: a lazily created one would need
+        # every rank in the first collective, which a KV-exchange round (batch_isend_irecv
+        # among one group's members) cannot guarantee.
+        dist.init_process_group("nccl", timeout=_CONTROL_TIMEOUT, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=_CONTROL_TIMEOUT)
     return dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
 
 
@@ -131,7 +147,8 @@ def serve_rank0(engine: LLMEngine, world_size: int, group, args: argparse.Namesp
             raise SystemExit("--policy kunserve needs --pipeline-size 1 and the VMM allocator (--memory vmm)")
         drop = DropController(weight_layout_of(engine.memory, engine.model_config.num_layers),
                               engine.memory.block_bytes, engine.memory.unified.kv_mapped_bytes,
-                              OverloadRules(args.restore_fraction, args.restore_hold_s))
+                              OverloadRules(args.restore_fraction, args.restore_hold_s),
+                              exchange_chunk_bytes=args.exchange_chunk_bytes)
     driver = ClusterDriver(engine, world_size, group, args.pipeline_size, drop)
     client = AsyncEngine(driver)
     # uvicorn handles SIGINT/SIGTERM, then re-raises the signal with the handler it found at

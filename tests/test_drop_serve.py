@@ -63,7 +63,7 @@ def test_burst_drops_then_load_falls_and_restores_token_exact(llama_dir, referen
     assert metrics["kunserve_drops_total"] >= 1 and metrics["kunserve_kv_bytes_exchanged_total"] > 0
     # capacity after each drop equals the planner's prediction (from rank 0's and members' logs)
     predicted = [(m.group(1), int(m.group(2))) for m in
-                 re.finditer(r"drop: instances (\([\d, ]+\)) merge .*predicted capacity (\d+) blocks", out)]
+                 re.finditer(r"merge into pipeline (\([\d, ]+\)) .*predicted capacity (\d+) blocks", out)]
     actual = {(m.group(1), int(m.group(2))) for m in
               re.finditer(r"merged into group (\([\d, ]+\)) as stage .*\(group (\d+)\)", out)}
     assert predicted and set(predicted) == actual

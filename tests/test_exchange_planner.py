@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kunserve.policy.drop import GreedyDropPlanner, Group, WeightLayout, assign_stages
-from kunserve.policy.exchange import ResidentRequest, chunk_transfers, plan_exchange
+from kunserve.policy.exchange import (PageTransfer, ResidentRequest, chunk_transfers, plan_exchange,
+                                      schedule_exchange)
 
 
 def test_two_singletons_swap_halves():
@@ -53,3 +56,49 @@ def test_chunks_cover_pages_and_tokens_once():
     assert [c.num_tokens for c in chunks] == [8, 8, 8, 8, 5]
     tiny = chunk_transfers(plan.transfers, block_size=4, bytes_per_token_layer=8, chunk_bytes=1)
     assert len(tiny) == 10  # never fewer than one page per chunk
+
+
+def test_schedule_rounds_respect_chunk_size_and_request_order():
+    transfers = [PageTransfer("a", 0, 1, 3), PageTransfer("b", 0, 1, 2), PageTransfer("c", 1, 0, 1)]
+    schedule = schedule_exchange(transfers, held={0: 10, 1: 2}, pool={0: 20, 1: 20}, chunk_pages=2)
+    assert [[(p.request_id, p.src, p.dst, p.num_pages) for p in r] for r in schedule.rounds] == [
+        [("a", 0, 1, 2), ("c", 1, 0, 1)],  # each link carries at most 2 pages per round
+        [("a", 0, 1, 1), ("b", 0, 1, 1)],  # a's pages arrive in order, then b's start
+        [("b", 0, 1, 1)],
+    ]
+    assert schedule.ready_after == {"a": 1, "b": 2, "c": 0}
+    assert schedule.ready_in_round(1) == ["a"]
+    # what each member holds before each round, and after the last
+    assert schedule.held == ({0: 10, 1: 2}, {0: 9, 1: 3}, {0: 7, 1: 5}, {0: 6, 1: 6})
+    # budget = pages free on every member in this and every later state
+    assert schedule.admission_budget == (10, 11, 13, 14)
+
+
+def test_schedule_budget_never_shrinks_and_ends_at_the_group_bound():
+    transfers = [PageTransfer(f"r{i}", i % 3, (i + 1) % 3, 1 + i % 4) for i in range(12)]
+    held = {0: 12, 1: 9, 2: 15}
+    pool = {0: 40, 1: 38, 2: 45}
+    schedule = schedule_exchange(transfers, held, pool, chunk_pages=3)
+    budget = schedule.admission_budget
+    assert list(budget) == sorted(budget)  # admitted work is never squeezed out later
+    final = schedule.held[-1]
+    assert sum(final.values()) == sum(held.values())  # pages move, none appear or vanish
+    assert budget[-1] == min(pool[m] - final[m] for m in pool)
+    for state, free_then in zip(schedule.held, budget):
+        assert all(pool[m] - state[m] >= free_then for m in pool)
+    moved = {}
+    for r in schedule.rounds:
+        for p in r:
+            moved[p.request_id] = moved.get(p.request_id, 0) + p.num_pages
+        per_link = {}
+        for p in r:
+            per_link[(p.src, p.dst)] = per_link.get((p.src, p.dst), 0) + p.num_pages
+        assert max(per_link.values()) <= 3
+    assert moved == {t.request_id: t.num_pages for t in transfers}  # every page exactly once
+
+
+def test_schedule_rejects_bad_input():
+    with pytest.raises(ValueError, match="chunk_pages"):
+        schedule_exchange([], {}, {0: 1}, chunk_pages=0)
+    with pytest.raises(ValueError, match="between two members"):
+        schedule_exchange([PageTransfer("r", 1, 1, 2)], {1: 2}, {1: 4}, chunk_pages=1)

@@ -142,6 +142,7 @@ class GreedyDropPlanner:
         self.layout = layout
         self.max_group_size = min(max_group_size or layout.num_layers, layout.num_layers)
         self._assignments: dict[tuple, list[tuple[int, int, int]]] = {}
+        self._cuts_by_size: dict[int, tuple[LayerRange, ...]] = {}
 
     def plan(self, groups: list[Group], required_bytes: int, prefer: frozenset[int] = frozenset()) -> DropPlan:
         """``prefer``: instances (e.g. the overloaded ones) that merge first among groups of equal
@@ -160,17 +161,20 @@ class GreedyDropPlanner:
         initial = deque(_merge_order(groups, prefer))
         merged: deque = deque()
         too_big: list = []
-        freed, copy_bytes = 0, self.layout.total_bytes
+        freed, copy_bytes, max_size = 0, self.layout.total_bytes, self.max_group_size
         while len(initial) + len(merged) >= 2 and freed < required_bytes:
-            a, b = _pop_smallest(initial, merged), _pop_smallest(initial, merged)
-            if a[0] + b[0] > self.max_group_size:
+            # the two smallest entries (inlined: this loop runs once per merge, 10^5 times)
+            a = initial.popleft() if not merged or (initial and initial[0][0] <= merged[0][0]) else merged.popleft()
+            b = initial.popleft() if not merged or (initial and initial[0][0] <= merged[0][0]) else merged.popleft()
+            size = (a[0] >> _SIZE_SHIFT) + (b[0] >> _SIZE_SHIFT)
+            if size > max_size:
                 too_big = [a, b]
                 break  # the two smallest are too big to merge: nothing else can be merged
-            merged.append((a[0] + b[0], min(a[1], b[1]), a[2] + b[2]))
+            merged.append(((size << _SIZE_SHIFT) | min(a[0] & _ID_MASK, b[0] & _ID_MASK), a[1] + b[1]))
             freed += copy_bytes  # two copies became one
         # Entries from `initial` were never merged; `merged` ones always were.
-        sources = tuple(e[2] for e in merged) + tuple(e[2] for e in too_big if len(e[2]) > 1)
-        unchanged = tuple(e[2][0] for e in initial) + tuple(e[2][0] for e in too_big if len(e[2]) == 1)
+        sources = tuple(e[1] for e in merged) + tuple(e[1] for e in too_big if len(e[1]) > 1)
+        unchanged = tuple(e[1][0] for e in initial) + tuple(e[1][0] for e in too_big if len(e[1]) == 1)
         new_groups, freed_bytes = [], {}
         for parts in sources:
             group, freed = self._merge(parts)
@@ -187,7 +191,13 @@ class GreedyDropPlanner:
             stages = self._assignments[pattern] = self._stages_for(parts)
         members = tuple(parts[gi].members[mi] for gi, mi, _ in stages)
         freed = {parts[gi].members[mi]: delta for gi, mi, delta in stages if delta}
-        return Group(members, balanced_cuts(self.layout.num_layers, len(members))), freed
+        return Group(members, self._cuts(len(members))), freed
+
+    def _cuts(self, size: int) -> tuple[LayerRange, ...]:
+        cuts = self._cuts_by_size.get(size)
+        if cuts is None:
+            cuts = self._cuts_by_size[size] = balanced_cuts(self.layout.num_layers, size)
+        return cuts
 
     def _stages_for(self, parts: tuple[Group, ...]) -> list[tuple[int, int, int]]:
         """(source index, member index, bytes freed) of each stage of the merged group."""
@@ -201,22 +211,23 @@ class GreedyDropPlanner:
         return stages
 
 
-_NOT_PREFERRED = 1 << 48  # added to the id key of groups without a preferred member
+# A queue entry is ``(key, groups)`` with one int key, so the queues compare ints only:
+# key = size << _SIZE_SHIFT | (not preferred) << _PREF_SHIFT | lowest member id.
+_PREF_SHIFT, _SIZE_SHIFT = 48, 50
+_ID_MASK = (1 << _SIZE_SHIFT) - 1  # the preference bit and the id: what a merged entry keeps the lower of
 
 
 def _merge_order(groups: list[Group], prefer: frozenset[int]) -> list:
-    """Queue entries ``(size, key, (group,))`` in merge order; key = lowest member id, plus
-    ``_NOT_PREFERRED`` unless a member is preferred (one int keeps comparisons cheap)."""
+    """Queue entries ``(key, (group,))`` of the initial groups, in merge order: by size, then
+    groups with a preferred member, then lowest id. Keys are unique, so sorting never compares
+    the group part."""
+    not_preferred = 1 << _PREF_SHIFT
     if prefer:
-        entries = [(len(g.members), min(g.members) + (0 if not prefer.isdisjoint(g.members) else _NOT_PREFERRED), (g,))
+        entries = [((len(g.members) << _SIZE_SHIFT)
+                    | (0 if not prefer.isdisjoint(g.members) else not_preferred) | min(g.members), (g,))
                    for g in groups]
     else:
-        entries = [(len(g.members), min(g.members) + _NOT_PREFERRED, (g,)) for g in groups]
-    entries.sort()  # keys are unique, so tuples never compare their group part
+        entries = [((len(g.members) << _SIZE_SHIFT) | not_preferred | min(g.members), (g,)) for g in groups]
+    entries.sort()
     return entries
 
-
-def _pop_smallest(initial: deque, merged: deque):
-    if not merged or (initial and initial[0][:2] <= merged[0][:2]):
-        return initial.popleft()
-    return merged.popleft()

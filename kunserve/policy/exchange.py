@@ -8,11 +8,20 @@ request's KV when a single instance joins a group of ``g``.
 
 Transfers are then cut into chunks of about one pipeline stage's compute time, so a chunk
 never holds an activation transfer back for long (the mechanism sends activations first).
+
+``schedule_exchange`` turns the page counts of every (request, source, destination) into
+*rounds*: the group runs one round after each pipeline step, each link carries at most one
+chunk per round, and a request becomes runnable after the round that delivers its last chunk.
+Because the schedule is known up front, the leader can compute exactly how many pages every
+member will hold after each round and admit queued requests only into memory that stays free
+on every member for the rest of the exchange (``ExchangeSchedule.admission_budget``).
 """
 
 from __future__ import annotations
 
 import attrs
+
+from collections import defaultdict
 
 from kunserve.policy.drop import Group, LayerRange
 
@@ -87,3 +96,86 @@ def chunk_transfers(
             tokens = min(t.num_tokens - start * block_size, len(pages) * block_size)
             chunks.append(attrs.evolve(t, src_pages=pages, num_tokens=tokens))
     return chunks
+
+
+@attrs.frozen
+class PageTransfer:
+    """``num_pages`` pages (new layout) of one request that ``src`` sends to ``dst``."""
+
+    request_id: str
+    src: int
+    dst: int
+    num_pages: int
+
+
+@attrs.frozen
+class ExchangeSchedule:
+    """Rounds of an exchange and what the leader needs to admit safely meanwhile.
+
+    ``rounds[k]`` are the pieces sent in round ``k`` (per link at most ``chunk_pages`` pages, in
+    request order, so a request's pages arrive in table order). ``ready_after[r]`` is the round
+    after which every member holds request ``r``'s KV (-1: nothing moves, runnable at once).
+    State ``k`` is "before round ``k``" (state ``len(rounds)``: exchange done); ``held[k][m]`` is
+    what member ``m`` then holds for the exchanged requests and ``admission_budget[k]`` the pages
+    still free on every member in every later state, which is what newly admitted work may use.
+    """
+
+    rounds: tuple[tuple[PageTransfer, ...], ...]
+    ready_after: dict[str, int]
+    held: tuple[dict[int, int], ...]
+    admission_budget: tuple[int, ...]
+
+    @property
+    def num_rounds(self) -> int:
+        return len(self.rounds)
+
+    def ready_in_round(self, k: int) -> list[str]:
+        return [r for r, last in self.ready_after.items() if last == k]
+
+
+def schedule_exchange(
+    transfers: list[PageTransfer], held: dict[int, int], pool: dict[int, int], chunk_pages: int
+) -> ExchangeSchedule:
+    """Rounds for ``transfers`` (in the order given: requests in arrival order), at most
+    ``chunk_pages`` per link per round. ``held[m]``: pages member ``m`` holds for the exchanged
+    requests before the exchange (kept + outbound); ``pool[m]``: its KV pages in all.
+
+    Invariant the budget relies on: within a round a member first frees what it sends (data
+    is staged out of the pool), then allocates what it receives, so its peak is the larger of
+    the states before and after the round."""
+    if chunk_pages < 1:
+        raise ValueError(f"chunk_pages must be >= 1, got {chunk_pages}")
+    links: dict[tuple[int, int], list[list]] = defaultdict(list)  # link -> [request, pages left]
+    for t in transfers:
+        if t.src == t.dst or t.num_pages < 1:
+            raise ValueError(f"transfer {t} must move >= 1 page between two members")
+        links[(t.src, t.dst)].append([t.request_id, t.num_pages])
+    rounds, ready_after = [], {t.request_id: -1 for t in transfers}
+    while any(links.values()):
+        pieces = []
+        for (src, dst), queue in sorted(links.items()):
+            room = chunk_pages
+            while queue and room:
+                request_id, left = queue[0]
+                n = min(left, room)
+                pieces.append(PageTransfer(request_id, src, dst, n))
+                ready_after[request_id] = len(rounds)
+                room -= n
+                if n == left:
+                    queue.pop(0)
+                else:
+                    queue[0][1] -= n
+        rounds.append(tuple(pieces))
+    states = [dict(held)]
+    for pieces in rounds:
+        state = dict(states[-1])
+        for p in pieces:
+            state[p.src] -= p.num_pages
+            state[p.dst] = state.get(p.dst, 0) + p.num_pages
+        states.append(state)
+    budget, best = [], None
+    for state in reversed(states):  # suffix minimum: admitted work must fit in every later state
+        free_now = min(pool[m] - state.get(m, 0) for m in pool)
+        best = free_now if best is None else min(best, free_now)
+        budget.append(best)
+    return ExchangeSchedule(tuple(rounds), ready_after, tuple(states), tuple(reversed(budget)))

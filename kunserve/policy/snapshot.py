@@ -23,6 +23,7 @@ class InstanceSnapshot:
     hol_blocks: int = 0
     queued_blocks: int = 0
     num_preemptions: int = 0
+    exchanging: bool = False  # a pipeline group still moving KV after a merge: not regrouped again yet
 
     @property
     def used_blocks(self) -> int:

@@ -99,6 +99,20 @@ class BlockManager:
             if self._ref_counts[block] == 0:
                 self._free.append(block)
 
+    def free_first(self, owner: str, count: int) -> list[int]:
+        """Release the first ``count`` blocks of ``owner`` (a KV exchange sends a table chunk by
+        chunk); returns them. The table disappears with its last block."""
+        table = self._tables[owner]
+        assert 0 < count <= len(table), f"{owner} holds {len(table)} blocks, cannot free {count}"
+        gone, table[:] = table[:count], table[count:]
+        if not table:
+            del self._tables[owner]
+        for block in gone:
+            self._ref_counts[block] -= 1
+            if self._ref_counts[block] == 0:
+                self._free.append(block)
+        return gone
+
     # -- capacity changes (the unified allocator grows or shrinks the KV cache at its tail) --------
     def add_blocks(self, count: int) -> None:
         """New block ids ``[num_blocks, num_blocks + count)`` join the pool as free blocks."""

@@ -25,6 +25,7 @@ from kunserve.policy.dispatch import LoadBalancingDispatcher
 from kunserve.policy.snapshot import ClusterSnapshot, InstanceSnapshot
 from kunserve.runtime.drop_controller import DropController
 from kunserve.runtime.engine import LLMEngine
+from kunserve.runtime.kv_exchange import ExchangeProgress
 from kunserve.runtime.pipeline import StageWorker
 from kunserve.runtime.regroup import MergeOrder, MergeStats, SplitOrder, merge_into_group, split_group
 from kunserve.runtime.transport import recv_object, send_object
@@ -57,6 +58,7 @@ class StepReport:
     error: str | None = None
     merge: MergeStats | None = None  # stats of a merge or split this rank just ran
     assignment: dict[str, int] | None = None  # after a split: request id -> rank that owns it
+    exchange: ExchangeProgress | None = None  # this rank's share of a running KV exchange
 
 
 @attrs.define
@@ -82,22 +84,29 @@ def handle_command(state: RankState, command: StepCommand, group) -> StepReport:
             outputs += [o for o in map(engine.abort_request, command.aborts) if o is not None]
         if command.split is not None:
             return attrs.evolve(_split(state, command.split, group), outputs=tuple(outputs))
+        if command.merge is not None:  # singles, leaders and stage members alike
+            return _merge(state, command.merge, group, outputs)
         if state.stage is not None:
             if not command.shutdown:
                 state.stage.step()
-            return StepReport((), None)
-        if command.merge is not None:
-            return _merge(state, command.merge, group, outputs)
+            return StepReport((), None, **_exchange_progress(state.stage.exchange))
         if command.shutdown:
             outputs += [engine.abort_request(rid) for rid in list(engine.requests)]
         elif state.always_step or engine.has_unfinished_requests():
             outputs += engine.step()
-        return StepReport(tuple(outputs), engine.snapshot(state.instance_id))
+        return StepReport(tuple(outputs), engine.snapshot(state.instance_id),
+                          **_exchange_progress(getattr(engine.runner, "exchange", None)))
     except Exception:  # noqa: BLE001 - reported to rank 0, which fails the affected requests
         error = traceback.format_exc()
         log.error("instance %d step failed:\n%s", state.instance_id, error)
         outputs += [engine.abort_request(rid) for rid in list(engine.requests)]
         return StepReport(tuple(outputs), engine.snapshot(state.instance_id), error)
+
+
+def _exchange_progress(exchange) -> dict:
+    """StepReport fields for this step's share of a KV exchange (none outside one)."""
+    progress = None if exchange is None else exchange.take_progress()
+    return {} if progress is None or progress == ExchangeProgress() else {"exchange": progress}
 
 
 def _merge(state: RankState, order: MergeOrder, group, outputs: list) -> StepReport:
@@ -211,6 +220,8 @@ class ClusterDriver:
         reports = [handle_command(self.local_state, _regroup_command(StepCommand(), merges.get(0)), self.group)]
         reports += [recv_object(rank, self.group) for rank in commands]
         outputs = [o for report in reports for o in self._absorb(report)]
+        if self.drop is not None:
+            self.drop.record_exchange([r.exchange for r in reports if r.exchange is not None])
         if merges:
             self._apply_merges({o for o in merges.values() if isinstance(o, MergeOrder)}, reports)
             self._apply_splits({o for o in merges.values() if isinstance(o, SplitOrder)}, reports)
@@ -234,7 +245,7 @@ class ClusterDriver:
             if report.assignment is not None:
                 self.owner.update({rid: rank for rid, rank in report.assignment.items() if rid in self.owner})
             if report.merge is not None and report.assignment is not None:
-                self.drop.record(report.merge.bytes_sent, report.merge.seconds)
+                self.drop.record_split(report.merge.bytes_sent, report.merge.seconds)
 
     def _apply_merges(self, orders: set[MergeOrder], reports: list[StepReport]) -> None:
         """The members of each merged group now serve as one instance, led by its first rank."""
@@ -251,8 +262,8 @@ class ClusterDriver:
                         self.owner[request_id] = leader
             self.drop.merged()
         for report in reports:
-            if report.merge is not None:
-                self.drop.record(report.merge.bytes_sent, report.merge.seconds)
+            if report.merge is not None and report.assignment is None:
+                self.drop.record_merge(report.merge.seconds)
 
     def shutdown(self) -> list[RequestOutput]:
         """Abort everything in flight and release the workers; returns the abort outputs."""

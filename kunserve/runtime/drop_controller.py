@@ -13,7 +13,8 @@ import time
 from kunserve.policy.drop import GreedyDropPlanner, Group, WeightLayout
 from kunserve.policy.overload import OverloadRules
 from kunserve.policy.snapshot import ClusterSnapshot
-from kunserve.runtime.regroup import MergeOrder, SplitOrder
+from kunserve.runtime.kv_exchange import ExchangeProgress
+from kunserve.runtime.regroup import DEFAULT_EXCHANGE_CHUNK_BYTES, MergeOrder, SplitOrder
 
 log = logging.getLogger(__name__)
 
@@ -26,17 +27,23 @@ def weight_layout_of(memory, num_layers: int) -> WeightLayout:
 
 
 class DropController:
-    """Invariant: ``groups`` holds every live group (leader -> its merge order and time); only
-    single instances are planned (merging existing groups is not done yet)."""
+    """Invariant: ``groups`` holds every live group (leader -> its merge order and time) and
+    ``freed`` what each grouped instance has dropped so far; instances in no group are single.
+    Groups merge again (2 + 2 -> 4) when a later overload needs it, once their KV exchange is done."""
 
     def __init__(self, layout: WeightLayout, full_block_bytes: int, kv_mapped_bytes: int,
-                 rules: OverloadRules | None = None, max_group_size: int | None = None):
+                 rules: OverloadRules | None = None, max_group_size: int | None = None,
+                 exchange_chunk_bytes: int = DEFAULT_EXCHANGE_CHUNK_BYTES):
         self.layout, self.full_block_bytes, self.kv_mapped_bytes = layout, full_block_bytes, kv_mapped_bytes
         self.planner = GreedyDropPlanner(layout, max_group_size)
         self.rules = rules or OverloadRules()
+        self.exchange_chunk_bytes = exchange_chunk_bytes
         self.drops = self.restores = self.fallbacks = self.bytes_exchanged = 0
         self.groups: dict[int, tuple[MergeOrder, float]] = {}  # leader -> (order, merge time)
-        self.stall_seconds = 0.0
+        self.freed: dict[int, int] = {}  # grouped instance -> weight bytes it dropped so far
+        self.merge_pause_seconds = self.restore_seconds = 0.0  # longest merge / split step
+        self.request_stalls: list[float] = []  # per exchanged request: seconds its KV was in transit
+        self.overlapped_requests = 0  # queued requests that ran while an exchange was in progress
         self.detect_to_capacity_seconds = 0.0  # overload seen -> merged group's blocks admissible
         self._detected_at: float | None = None
         self.predicted_blocks: dict[int, int] = {}  # group leader -> planner-predicted capacity
@@ -47,16 +54,24 @@ class DropController:
         """Instances that are members of a live group."""
         return {rank for order, _ in self.groups.values() for rank in order.ranks}
 
+    def current_groups(self, snapshot: ClusterSnapshot) -> list[Group]:
+        """What the planner may merge: single instances and live groups not busy exchanging KV."""
+        grouped, busy = self.grouped, {i.instance_id for i in snapshot.instances if i.exchanging}
+        groups = [Group(order.ranks, order.slices) for leader, (order, _) in self.groups.items() if leader not in busy]
+        return groups + [Group.single(i.instance_id, self.layout.num_layers)
+                         for i in snapshot.instances if i.instance_id not in grouped]
+
     def plan(self, snapshot: ClusterSnapshot) -> list[MergeOrder]:
         if not any(self.rules.is_overloaded(i) for i in snapshot.instances):
             self._reported_fallback = False
             return []
         required = self.rules.required_bytes(snapshot, self.full_block_bytes)
-        grouped = self.grouped
-        singles = [Group.single(i.instance_id, self.layout.num_layers)
-                   for i in snapshot.instances if i.instance_id not in grouped]
         overloaded = frozenset(i.instance_id for i in snapshot.instances if self.rules.is_overloaded(i))
-        plan = self.planner.plan(singles, required, prefer=overloaded)
+        return self.plan_for(snapshot, required, overloaded)
+
+    def plan_for(self, snapshot: ClusterSnapshot, required: int, prefer: frozenset[int] = frozenset()) -> list[MergeOrder]:
+        """Merge orders that free ``required`` bytes (all the planner can if none does)."""
+        plan = self.planner.plan(self.current_groups(snapshot), required, prefer=prefer)
         if not plan.satisfied and not self._reported_fallback:
             self._reported_fallback = True
             self.fallbacks += 1
@@ -64,12 +79,20 @@ class DropController:
                         "recompute preemption; the cluster needs more instances", required, plan.total_freed_bytes)
         if plan.merged:
             self._detected_at = time.monotonic()
-        for group in plan.merged:
-            self.groups[group.members[0]] = (MergeOrder(group.members, group.slices), time.monotonic())
-            self.predicted_blocks[group.members[0]] = self._predicted_capacity(group, plan.freed_bytes)
-            log.info("drop: instances %s merge into a pipeline with slices %s (predicted capacity %d blocks)",
-                     group.members, group.slices, self.predicted_blocks[group.members[0]])
-        return [MergeOrder(g.members, g.slices) for g in plan.merged]
+        orders = []
+        for group, sources in zip(plan.merged, plan.sources):
+            for source in sources:
+                self.groups.pop(source.members[0], None)
+                self.predicted_blocks.pop(source.members[0], None)
+            for member in group.members:
+                self.freed[member] = self.freed.get(member, 0) + plan.freed_bytes.get(member, 0)
+            order = MergeOrder(group.members, group.slices, sources, self.exchange_chunk_bytes)
+            self.groups[group.members[0]] = (order, time.monotonic())
+            self.predicted_blocks[group.members[0]] = self._predicted_capacity(group)
+            log.info("drop: groups %s merge into pipeline %s with slices %s (predicted capacity %d blocks)",
+                     [s.members for s in sources], group.members, group.slices, self.predicted_blocks[group.members[0]])
+            orders.append(order)
+        return orders
 
     def plan_restore(self, snapshot: ClusterSnapshot) -> list[SplitOrder]:
         """Groups whose KV use fell under the restore fraction of their no-drop capacity."""
@@ -77,6 +100,8 @@ class DropController:
         no_drop_blocks = self.kv_mapped_bytes // self.full_block_bytes
         for leader, (order, merged_at) in self.groups.items():
             instance = snapshot.by_id(leader)
+            if instance.exchanging:
+                continue  # its KV is still moving: a split now would race the exchange
             capacity = no_drop_blocks * len(order.ranks)
             if self.rules.should_restore(instance.used_blocks + instance.queued_blocks, capacity, merged_at, now):
                 orders.append(SplitOrder(order.ranks, order.slices))
@@ -87,17 +112,29 @@ class DropController:
     def restored(self, order: SplitOrder) -> None:
         self.groups.pop(order.ranks[0], None)
         self.predicted_blocks.pop(order.ranks[0], None)
+        for member in order.ranks:
+            self.freed.pop(member, None)
         self.restores += 1
 
-    def _predicted_capacity(self, group: Group, freed: dict[int, int]) -> int:
+    def _predicted_capacity(self, group: Group) -> int:
         """Blocks the group can hold: the smallest member's KV bytes over its new block size."""
         per_layer = self.full_block_bytes // self.layout.num_layers
-        return min((self.kv_mapped_bytes + freed.get(m, 0)) // (per_layer * (b - a))
+        return min((self.kv_mapped_bytes + self.freed.get(m, 0)) // (per_layer * (b - a))
                    for m, (a, b) in zip(group.members, group.slices))
 
-    def record(self, bytes_sent: int, seconds: float) -> None:
+    def record_merge(self, seconds: float) -> None:
+        self.merge_pause_seconds = max(self.merge_pause_seconds, seconds)
+
+    def record_split(self, bytes_sent: int, seconds: float) -> None:
         self.bytes_exchanged += bytes_sent
-        self.stall_seconds = max(self.stall_seconds, seconds)
+        self.restore_seconds = max(self.restore_seconds, seconds)
+
+    def record_exchange(self, progress: list[ExchangeProgress]) -> None:
+        """One cluster step of running exchanges, as every rank in one reported it."""
+        for p in progress:
+            self.bytes_exchanged += p.bytes_sent
+            self.request_stalls += p.request_stalls
+            self.overlapped_requests += p.overlapped_requests
 
     def merged(self) -> None:
         """The merge step finished: the queued requests are admitted from the next step on."""
@@ -108,7 +145,12 @@ class DropController:
     def metrics(self) -> dict:
         return {
             "drops_total": self.drops, "restores_total": self.restores, "drop_fallbacks_total": self.fallbacks,
-            "kv_bytes_exchanged_total": self.bytes_exchanged, "drop_stall_seconds": self.stall_seconds,
+            "kv_bytes_exchanged_total": self.bytes_exchanged, "drop_merge_pause_seconds": self.merge_pause_seconds,
+            "restore_seconds": self.restore_seconds,
+            "exchanged_requests_total": len(self.request_stalls),
+            "exchange_stall_seconds_max": max(self.request_stalls, default=0.0),
+            "exchange_stall_seconds_sum": sum(self.request_stalls),
+            "exchange_overlapped_requests_total": self.overlapped_requests,
             "drop_detect_to_capacity_seconds": self.detect_to_capacity_seconds,
             "pipeline_groups": len(self.predicted_blocks),
             "drop_predicted_blocks": sum(self.predicted_blocks.values()),

@@ -236,9 +236,11 @@ class LLMEngine:
         needed = [bm.blocks_needed(r.request_id, r.num_tokens) for r in waiting]
         return InstanceSnapshot(
             instance_id=instance_id, block_size=bm.block_size, num_blocks=bm.num_blocks - bm.reserved,
-            num_free_blocks=max(0, bm.num_free_blocks - bm.reserved), num_running=len(self.scheduler.running),
+            num_free_blocks=max(0, bm.num_free_blocks - bm.reserved),
+            num_running=len(self.scheduler.running) + len(self.scheduler.stalled),
             num_waiting=len(waiting), hol_blocks=needed[0] if needed else 0,
             queued_blocks=sum(needed), num_preemptions=self.scheduler.num_preemptions,
+            exchanging=getattr(self.runner, "exchange_pending", False),
         )
 
     # -- stepping ----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from kunserve.runtime.attention import AttentionMetadata
 from kunserve.runtime.block_manager import BlockManager
 from kunserve.runtime.kv_cache import PagedKVCache
+from kunserve.runtime.kv_exchange import KVExchange, LeaderExchange
 from kunserve.runtime.model_runner import prepare_inputs
 from kunserve.runtime.sampler import sample
 from kunserve.runtime.scheduler import SchedulerOutput
@@ -101,12 +102,14 @@ def _stage_metadata(step: StageStep, block_manager: BlockManager, device) -> tup
 
 
 class StageWorker:
-    """A non-leader member: runs its layer slice for every step the leader sends."""
+    """A non-leader member: runs its layer slice for every step the leader sends, then (after a
+    merge, until it is done) one round of the KV exchange."""
 
     def __init__(self, model, kv_cache: PagedKVCache, block_manager: BlockManager, device,
-                 rank: int, layout: GroupLayout):
+                 rank: int, layout: GroupLayout, exchange: KVExchange | None = None):
         self.model, self.kv_cache, self.block_manager = model, kv_cache, block_manager
         self.device, self.rank, self.layout = torch.device(device), rank, layout
+        self.exchange = exchange
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -126,6 +129,8 @@ class StageWorker:
             dist.send(hidden.contiguous(), nxt, group=self.layout.data_group)
         else:
             send_object(self._result(step, hidden, rows), self.layout.leader, self.layout.control_group)
+        if self.exchange is not None and not self.exchange.done:
+            self.exchange.run_round()  # after the activations: they never wait behind KV
 
     def _result(self, step: StageStep, hidden: torch.Tensor, rows: torch.Tensor) -> StageResult:
         completing = [c for c in step.chunks if c.completes]
@@ -143,15 +148,24 @@ class PipelineRunner:
     computed across the group. Tracks which requests the other stages hold blocks for."""
 
     def __init__(self, model, kv_cache: PagedKVCache, block_manager: BlockManager, scheduler, device,
-                 rank: int, layout: GroupLayout, seed: int = 0, holding: set[str] | None = None):
+                 rank: int, layout: GroupLayout, seed: int = 0, exchange: LeaderExchange | None = None):
         self.model, self.kv_cache, self.block_manager = model, kv_cache, block_manager
         self.scheduler, self.device, self.rank, self.layout = scheduler, torch.device(device), rank, layout
-        self._holding: set[str] = set(holding or ())  # requests the members hold blocks for
+        self._holding: set[str] = set()  # requests the members hold blocks for
         self.default_generator = torch.Generator().manual_seed(seed)
+        self.exchange = exchange
+        if exchange is not None:
+            self._holding |= set(exchange.start())
+
+    @property
+    def exchange_pending(self) -> bool:
+        return self.exchange is not None and not self.exchange.done
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> dict[str, int]:
         step = self._stage_step(plan)
+        if self.exchange_pending:
+            self.exchange.note_scheduled(c.request_id for c in step.chunks)
         if plan.chunks:
             inputs = prepare_inputs(plan, self.block_manager, self.device)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.by_layer(), inputs.meta)
@@ -161,6 +175,8 @@ class PipelineRunner:
         send_object(step, nxt, self.layout.control_group)
         dist.send(hidden.contiguous(), nxt, group=self.layout.data_group)
         result: StageResult = recv_object(self.layout.last, self.layout.control_group)
+        if self.exchange_pending:
+            self._holding |= set(self.exchange.run_round())  # resumed: members hold their blocks
         return {**result.tokens, **self._sample_rows(plan, result.logits)}
 
     def _sample_rows(self, plan: SchedulerOutput, rows: dict[str, torch.Tensor]) -> dict[str, int]:

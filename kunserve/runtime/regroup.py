@@ -1,20 +1,24 @@
-"""Executing a drop: single instances merge into one pipeline group (see docs/design-drop.md).
+"""Executing a drop: instances or groups merge into one pipeline group (see docs/design-drop.md).
 
 Every member of a ``MergeOrder`` runs ``merge_into_group`` in the same cluster step:
 
-1. re-slice its model to its stage's layers and drop the other layers' weights into its KV
-   cache (VMM: the chunks move, no copy);
-2. re-view the KV cache with the new block shape. Block-major layout makes an old block of
+1. the leader of each source group tells its members which requests are live (a member may
+   still hold blocks of requests that finished in the last step);
+2. each member re-slices its model to its new stage's layers and drops the other layers'
+   weights into its KV cache (VMM: the chunks move, no copy);
+3. it re-views the KV cache with the new block shape. Block-major layout makes an old block of
    ``L`` layers exactly ``L / l`` new blocks of ``l`` layers, so a running request's KV for the
    kept layers stays where it is (old block ``b`` -> new block ``b * L / l + k``) and the KV of
-   the peers' layers sits in the other new blocks, ready to send;
-3. exchange KV with every peer: only peer-owned layers move, ``(g - 1) / g`` of each request;
-4. hand its requests (running, with their KV now on every member, and waiting) to the leader,
-   whose scheduler then serves the merged queue; the others become stage workers.
+   the peers' layers sits in the other new blocks, registered as *outbound* tables;
+4. the source leaders hand their requests to the new leader; running ones become *stalled*;
+5. the new leader turns every member's outbound pages into an ``ExchangeSchedule`` and sends it
+   round.
 
-The merge runs stop-the-world for the group's members (one cluster step); requests on other
-instances keep running. A merge whose slices do not divide the layer count evenly cannot keep
-KV in place: it preempts the members' running requests, which the group recomputes.
+The merge step itself moves no KV: the exchange then runs one round after each pipeline step
+(``kv_exchange``), stalled requests resume as their KV completes, and queued requests are
+admitted at once into the memory the schedule guarantees free. Requests on other instances keep
+running throughout. A merge whose slices cannot keep KV in place (``MergeOrder.aligned`` false)
+preempts the running requests instead, which the group recomputes.
 """
 
 from __future__ import annotations
@@ -27,36 +31,69 @@ import torch
 import torch.distributed as dist
 
 from kunserve.policy.drop import Group
-from kunserve.policy.exchange import ResidentRequest, plan_exchange
+from kunserve.policy.exchange import PageTransfer, ResidentRequest, plan_exchange, schedule_exchange
+from kunserve.runtime.kv_exchange import KVExchange, LeaderExchange, outbound_owner
 from kunserve.runtime.pipeline import GroupLayout, PipelineRunner, StageWorker
 from kunserve.runtime.transport import recv_object, send_object
 
 log = logging.getLogger(__name__)
 
 LayerRange = tuple[int, int]
+DEFAULT_EXCHANGE_CHUNK_BYTES = 32 << 20
 
 
 @attrs.frozen
 class MergeOrder:
-    """Ranks in pipeline order with their layer slices; the first rank leads the group."""
+    """Ranks in pipeline order with their layer slices; the first rank leads the group.
+    ``sources`` are the groups that merge (default: every rank a single instance);
+    ``chunk_bytes`` bounds what one link carries per exchange round (about the link bandwidth
+    times one stage's compute time)."""
 
     ranks: tuple[int, ...]
     slices: tuple[LayerRange, ...]
+    sources: tuple[Group, ...] = ()
+    chunk_bytes: int = DEFAULT_EXCHANGE_CHUNK_BYTES
 
     def slice_of(self, rank: int) -> LayerRange:
         return self.slices[self.ranks.index(rank)]
 
     @property
+    def source_groups(self) -> tuple[Group, ...]:
+        num_layers = self.slices[-1][1]
+        return self.sources or tuple(Group.single(r, num_layers) for r in self.ranks)
+
+    def source_of(self, rank: int) -> Group:
+        return next(g for g in self.source_groups if rank in g.members)
+
+    @property
     def aligned(self) -> bool:
-        """Every slice has the same length and tiles the model: KV can stay in place."""
-        lengths = {b - a for a, b in self.slices}
-        return len(lengths) == 1 and all(a % (b - a) == 0 for a, b in self.slices)
+        """Every new slice has one length and sits at a multiple of it inside what its member
+        held: the old blocks split evenly into new ones, so KV can stay in place."""
+        if len({b - a for a, b in self.slices}) != 1:
+            return False
+        for g in self.source_groups:
+            for member, (old_first, old_last) in zip(g.members, g.slices):
+                first, last = self.slice_of(member)
+                width = last - first
+                if not (old_first <= first and last <= old_last and (old_last - old_first) % width == 0
+                        and (first - old_first) % width == 0):
+                    return False
+        return True
 
 
 @attrs.frozen
 class MergeStats:
     bytes_sent: int
     seconds: float
+
+
+@attrs.frozen
+class _Manifest:
+    """A member's state after its re-layout, for the leader's exchange schedule."""
+
+    pool: int  # KV pages in all
+    held: int  # pages of the exchanged requests (kept + outbound)
+    transfers: tuple[PageTransfer, ...]
 
 
 def reslice_model(model, first: int, last: int) -> list:
@@ -75,17 +112,34 @@ def reslice_model(model, first: int, last: int) -> list:
     return gone
 
 
-def _relayout(engine, order: MergeOrder, rank: int) -> dict[int, dict[str, list[int]]]:
-    """Steps 1-2. Returns, per peer rank, the pages (new layout) holding that peer's layers of
-    each running request; the kept pages are adopted by the requests themselves. Which layers
-    go where is the exchange planner's decision."""
+def _live_requests(engine, order: MergeOrder, rank: int, group) -> dict[str, int]:
+    """Step 1: ``{request_id: computed tokens}`` of the source group's running requests, which
+    its leader holds; members drop blocks of anything else (finished in the last step)."""
+    source = order.source_of(rank)
+    if rank == source.members[0]:
+        if not order.aligned:
+            while engine.scheduler.preempt_newest():
+                pass  # KV cannot stay in place: the group recomputes these requests
+        live = {r.request_id: r.num_computed_tokens for r in engine.scheduler.running}
+        for member in source.members[1:]:
+            send_object(live, member, group)
+        return live
+    live = recv_object(source.members[0], group)
+    for owner in engine.block_manager.owners:
+        if owner not in live:
+            engine.block_manager.free(owner)
+    return live
+
+
+def _relayout(engine, order: MergeOrder, rank: int, live: dict[str, int]) -> _Manifest:
+    """Steps 2-3. Kept pages are adopted by their requests, the peers' pages by outbound
+    tables; returns what the leader needs to schedule the exchange."""
     memory, bm = engine.memory, engine.block_manager
     old_first, old_last = engine.model.layer_range
     first, last = order.slice_of(rank)
     width = last - first  # layers per new block; every slice has this width (aligned merge)
     ratio = (old_last - old_first) // width
-    residents = [ResidentRequest(r.request_id, rank, r.num_computed_tokens, tuple(bm.block_table(r.request_id)))
-                 for r in engine.scheduler.running]
+    residents = [ResidentRequest(rid, rank, tokens, tuple(bm.block_table(rid))) for rid, tokens in live.items()]
     plan = plan_exchange((Group((rank,), ((old_first, old_last),)),), Group(order.ranks, order.slices), residents)
     memory.executed_units -= set(reslice_model(engine.model, first, last))
     memory.drop_units(memory.placement_units() - memory.executed_units)
@@ -97,62 +151,27 @@ def _relayout(engine, order: MergeOrder, rank: int) -> dict[int, dict[str, list[
 
     for kept in plan.kept:
         bm.adopt(kept.request_id, pages(kept))
-    outbound: dict[int, dict[str, list[int]]] = {}
+    transfers = []
     for move in plan.transfers:
-        bm.adopt(f"outbound:{move.dst}:{move.request_id}", pages(move))
-        outbound.setdefault(move.dst, {})[move.request_id] = pages(move)
-    return outbound
-
-
-def _exchange(engine, order: MergeOrder, rank: int, outbound: dict[int, dict[str, list[int]]], group) -> int:
-    """Step 3. Manifests go pairwise in one global order; then, peer by peer, this member posts
-    its send (non-blocking), receives the peer's pages into a buffer and frees what it sent, so
-    received pages are allocated only once the outbound ones are free (a full member still has
-    room). Returns the bytes sent."""
-    storage, bm = engine.kv_cache.storage, engine.block_manager
-    manifests: dict[int, dict[str, int]] = {}
-    for src, dst in _pairs(order.ranks):
-        if rank == src:
-            send_object({rid: len(pages) for rid, pages in outbound.get(dst, {}).items()}, dst, group)
-        elif rank == dst:
-            manifests[src] = recv_object(src, group)
-    sent, incoming = 0, []
-    for peer in (p for p in order.ranks if p != rank):
-        mine = outbound.get(peer, {})
-        work = None
-        if mine:
-            index = torch.tensor([p for pages in mine.values() for p in pages], device=storage.device)
-            data = storage[index].contiguous()  # [pages, layers, 2, block_size, kv_heads, head_dim]
-            work = dist.isend(data, peer)
-            sent += data.numel() * data.element_size()
-        if manifests[peer]:
-            buffer = torch.empty((sum(manifests[peer].values()), *storage.shape[1:]), dtype=storage.dtype,
-                                 device=storage.device)
-            dist.recv(buffer, peer)
-            incoming.append((manifests[peer], buffer))
-        if work is not None:
-            work.wait()
-            for rid in mine:
-                bm.free(f"outbound:{peer}:{rid}")
-    for manifest, buffer in incoming:
-        pages = []
-        for rid, count in manifest.items():
-            bm.adopt(rid, bm.take_free(count))
-            pages += bm.block_table(rid)
-        storage[torch.tensor(pages, device=storage.device)] = buffer
-    return sent
+        bm.adopt(outbound_owner(move.dst, move.request_id), pages(move))
+        transfers.append(PageTransfer(move.request_id, rank, move.dst, len(move.src_pages)))
+    return _Manifest(bm.num_blocks, bm.num_blocks - bm.num_free_blocks, tuple(transfers))
 
 
 def _gather_requests(engine, order: MergeOrder, rank: int, group) -> None:
-    """Step 4: every member's requests move to the leader's scheduler (FCFS by arrival)."""
-    scheduler = engine.scheduler
-    if rank != order.ranks[0]:
-        send_object((list(scheduler.running), list(scheduler.waiting)), order.ranks[0], group)
-        scheduler.running.clear()
-        scheduler.waiting.clear()
-        engine.requests.clear()
+    """Step 4: the source leaders' requests move to the new leader's scheduler (by arrival)."""
+    scheduler, leader = engine.scheduler, order.ranks[0]
+    source_leaders = [g.members[0] for g in order.source_groups]
+    if rank != leader:
+        if rank in source_leaders:
+            send_object((list(scheduler.running), list(scheduler.waiting)), leader, group)
+            scheduler.running.clear()
+            scheduler.waiting.clear()
+            engine.requests.clear()
         return
-    for peer in order.ranks[1:]:
+    for peer in source_leaders:
+        if peer == leader:
+            continue
         running, waiting = recv_object(peer, group)
         scheduler.running += running
         scheduler.waiting.extend(waiting)
@@ -165,36 +184,50 @@ def _gather_requests(engine, order: MergeOrder, rank: int, group) -> None:
     scheduler.waiting.extend(ordered)
 
 
+def _agree_on_schedule(engine, order: MergeOrder, rank: int, manifest: _Manifest, group):
+    """Step 5: the leader schedules every member's transfers; returns (schedule, capacity)."""
+    leader = order.ranks[0]
+    if rank != leader:
+        send_object(manifest, leader, group)
+        return recv_object(leader, group)
+    manifests = {leader: manifest} | {peer: recv_object(peer, group) for peer in order.ranks[1:]}
+    arrival = {r.request_id: i for i, r in enumerate(engine.scheduler.running)}  # sorted by arrival
+    transfers = sorted((t for m in manifests.values() for t in m.transfers),
+                       key=lambda t: (arrival[t.request_id], t.src, t.dst))
+    storage = engine.kv_cache.storage
+    page_bytes = storage[0].numel() * storage.element_size()
+    schedule = schedule_exchange(transfers, {r: m.held for r, m in manifests.items()},
+                                 {r: m.pool for r, m in manifests.items()}, max(1, order.chunk_bytes // page_bytes))
+    capacity = min(m.pool for m in manifests.values())
+    for peer in order.ranks[1:]:
+        send_object((schedule, capacity), peer, group)
+    return schedule, capacity
+
+
 def merge_into_group(engine, order: MergeOrder, rank: int, group):
     """Run this rank's part of a merge; returns (StageWorker or None for the leader, stats)."""
     start = time.perf_counter()
-    if not order.aligned:
-        while engine.scheduler.preempt_newest():
-            pass  # KV cannot stay in place: the group recomputes these requests
-    outbound = _relayout(engine, order, rank)
-    sent = _exchange(engine, order, rank, outbound, group)
+    live = _live_requests(engine, order, rank, group)
+    manifest = _relayout(engine, order, rank, live)
     _gather_requests(engine, order, rank, group)
-    capacity = _group_capacity(engine, order, rank, group)
+    schedule, capacity = _agree_on_schedule(engine, order, rank, manifest, group)
     layout = GroupLayout(order.ranks, group, None)
-    engine.block_manager.reserved = engine.block_manager.num_blocks - capacity
-    stats = MergeStats(sent, time.perf_counter() - start)
-    log.info("rank %d merged into group %s as stage %s: KV blocks %d (group %d), %d bytes sent, %.3f s",
-             rank, order.ranks, order.slice_of(rank), engine.block_manager.num_blocks, capacity, sent, stats.seconds)
+    stats = MergeStats(0, time.perf_counter() - start)
+    log.info("rank %d merged into group %s as stage %s: KV blocks %d (group %d), exchange of %d pages in %d "
+             "rounds, %.3f s", rank, order.ranks, order.slice_of(rank), engine.block_manager.num_blocks, capacity,
+             sum(p.num_pages for r in schedule.rounds for p in r), schedule.num_rounds, stats.seconds)
     if rank == order.ranks[0]:
-        engine.runner = PipelineRunner(engine.model, engine.kv_cache, engine.block_manager, engine.scheduler,
-                                       engine.device, rank, layout, engine.config.seed,
-                                       holding={r.request_id for r in engine.scheduler.running})
+        scheduler = engine.scheduler
+        for request in scheduler.running:
+            scheduler.stall(request)
+        scheduler.running.clear()
+        exchange = LeaderExchange(rank, schedule, engine.kv_cache, engine.block_manager, scheduler)
+        engine.runner = PipelineRunner(engine.model, engine.kv_cache, engine.block_manager, scheduler,
+                                       engine.device, rank, layout, engine.config.seed, exchange=exchange)
         return None, stats
-    return StageWorker(engine.model, engine.kv_cache, engine.block_manager, engine.device, rank, layout), stats
-
-
-def _group_capacity(engine, order: MergeOrder, rank: int, group) -> int:
-    """The smallest member pool: the leader admits only what every member can hold."""
-    own = engine.block_manager.num_blocks
-    if rank != order.ranks[0]:
-        send_object(own, order.ranks[0], group)
-        return own
-    return min([own] + [recv_object(peer, group) for peer in order.ranks[1:]])
+    exchange = KVExchange(rank, schedule, engine.kv_cache, engine.block_manager)
+    return StageWorker(engine.model, engine.kv_cache, engine.block_manager, engine.device, rank, layout,
+                       exchange=exchange), stats
 
 
 # -- restore: the group splits back into single instances ---------------------------------------

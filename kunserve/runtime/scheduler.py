@@ -54,13 +54,29 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Running requests whose KV is still moving between pipeline members after a merge: they
+        # hold blocks but are neither scheduled nor preemption victims until ``resume``.
+        self.stalled: dict[str, Request] = {}
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.stalled)
+
+    def stall(self, request: Request) -> None:
+        """Park a request that holds KV blocks (its KV is in transit); it keeps its blocks."""
+        request.status = RequestStatus.RUNNING
+        self.stalled[request.request_id] = request
+
+    def resume(self, request_id: str) -> Request | None:
+        """A stalled request's KV has arrived: it runs again from the next schedule on. Returns
+        None if it finished (was aborted) meanwhile; the caller then frees its blocks."""
+        request = self.stalled.pop(request_id, None)
+        if request is not None:
+            self.running.append(request)
+        return request
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
@@ -145,6 +161,12 @@ class Scheduler:
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Remove a request (running or waiting) for good and free its blocks."""
         assert status.finished
+        if self.stalled.pop(request.request_id, None) is not None:
+            # Its blocks stay until the exchange delivering its KV is done (the members still
+            # receive into theirs); ``resume`` then reports it gone and the caller frees them.
+            request.status = status
+            request.metrics.finished_time = time.time()
+            return
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
