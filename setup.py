@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["kunserve", "kunserve.*"]),
-    package_data={"kunserve": ["data/traces/*.csv", "data/traces/README.md"]},
+    package_data={"kunserve": ["data/traces/*.csv", "data/traces/README.md", "data/profiles/*.json"]},
     install_requires=[
         "torch>=2.6",
         "safetensors>=0.4",

@@ -34,6 +34,11 @@ class EngineConfig:
     max_num_seqs: int = attrs.field(default=256, validator=_positive)
     max_num_batched_tokens: int = attrs.field(default=2048, validator=_positive)
     enforce_eager: bool = False  # CUDA: never replay decode steps from CUDA graphs
+    # Preemption: "recompute" (vLLM v1) or "swap" (victim's KV to a host swap space and back,
+    # docs/policy-swap.md). Swap space and per-step swap-in budget in bytes (swap mode only).
+    preemption_mode: str = attrs.field(default="recompute")
+    swap_space_bytes: int = attrs.field(default=4 << 30, validator=_positive)
+    swap_bytes_per_step: int = attrs.field(default=512 << 20, validator=_positive)
     # Pipeline stage: build only layers [first, last) (None: the whole model).
     layer_range: tuple[int, int] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
 
@@ -49,6 +54,14 @@ class EngineConfig:
                 f"memory must be 'auto', 'vmm' (unified allocator: weights can be dropped into the "
                 f"KV cache) or 'torch' (plain tensors), got {value!r}"
             )
+
+    @preemption_mode.validator
+    def _check_preemption_mode(self, _attr, value):
+        if value not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {value!r}")
+        if value == "swap" and self.layer_range is not None:
+            raise ValueError("preemption_mode='swap' needs a whole-model instance (layer_range=None): "
+                             "pipeline stages cannot swap (use recompute preemption)")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

@@ -23,11 +23,15 @@ import torch.distributed as dist
 
 from kunserve.config import EngineConfig
 from kunserve.models import ModelConfig, resolve_model_dir
+from kunserve.policy.batching import make_batcher
+from kunserve.policy.cost_model import Profile
 from kunserve.policy.drop import balanced_cuts
+from kunserve.policy.migration import MigrationPlanner, MigrationRules
 from kunserve.policy.overload import OverloadRules
 from kunserve.runtime.cluster import ClusterDriver, RankState, run_rank
 from kunserve.runtime.drop_controller import DropController, weight_layout_of
 from kunserve.runtime.engine import LLMEngine, resolve_device
+from kunserve.runtime.migration import MigrationCoordinator
 from kunserve.runtime.pipeline import GroupLayout, PipelineRunner, StageWorker
 from kunserve.runtime.regroup import DEFAULT_EXCHANGE_CHUNK_BYTES
 
@@ -61,8 +65,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--policy", default="vllm", choices=["vllm", "kunserve"],
-                   help="overload handling: vllm = recompute preemption; kunserve = drop weight replicas")
+    p.add_argument("--policy", default="vllm", choices=["vllm", "vllm-pp", "swap", "llumnix", "kunserve"],
+                   help="overload handling: vllm = recompute preemption; vllm-pp = static 2-stage pipelines "
+                        "(docs/policy-vllm-pp.md); swap = preempted KV to host memory "
+                        "and back (InferCept-style); llumnix = live migration of running requests between "
+                        "instances (docs/policy-llumnix.md); kunserve = drop weight replicas")
+    p.add_argument("--swap-space-bytes", type=int, default=4 << 30,
+                   help="swap: host swap space per instance; a victim that does not fit is recomputed")
+    p.add_argument("--swap-bytes-per-step", type=int, default=512 << 20,
+                   help="swap: KV bytes swapped in per step at most (beyond: the next step; one always may)")
     p.add_argument("--restore-fraction", type=float, default=0.5,
                    help="kunserve: restore a group when its KV use is below this share of its no-drop capacity")
     p.add_argument("--restore-hold-s", type=float, default=5.0,
@@ -70,10 +81,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exchange-chunk-bytes", type=_positive_int, default=DEFAULT_EXCHANGE_CHUNK_BYTES,
                    help="kunserve: KV bytes one link carries per exchange round after a merge (about the "
                         "link bandwidth x one pipeline stage's compute time)")
-    p.add_argument("--pipeline-size", type=int, default=1,
-                   help="ranks per instance: each instance is a static pipeline of this many stages")
+    p.add_argument("--pipeline-size", type=int, default=None,
+                   help="ranks per instance: each instance is a static pipeline of this many stages "
+                        "(default 2 under --policy vllm-pp, else 1)")
+    p.add_argument("--micro-batching", default="none", choices=["none", "token-budget", "lookahead"],
+                   help="how a pipeline group splits a step into micro-batches: none = one per step; "
+                        "token-budget = Sarathi-style, --micro-batch-tokens each; lookahead = equal-cost halves "
+                        "under the fitted cost model of --cost-profile (docs/design-lookahead.md)")
+    p.add_argument("--micro-batch-tokens", type=_positive_int, default=None,
+                   help="token-budget: tokens per micro-batch (default: --max-num-batched-tokens / 2)")
+    p.add_argument("--cost-profile", default=None,
+                   help="lookahead: profile JSON written by `python -m kunserve.profile` on this device")
     p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.micro_batching == "lookahead" and args.cost_profile is None:
+        p.error("--micro-batching lookahead needs --cost-profile (run `python -m kunserve.profile --out "
+                "profile.json` on the serving device first)")
+    if args.pipeline_size is None:
+        args.pipeline_size = 2 if args.policy == "vllm-pp" else 1
+    return args
+
+
+def check_policy(args: argparse.Namespace, world_size: int) -> None:
+    """Policies that fix the instance shape: vllm-pp needs pipelines that tile the ranks,
+    llumnix migrates between whole-model instances."""
+    if args.policy == "vllm-pp":
+        if args.pipeline_size < 2:
+            raise SystemExit(f"--policy vllm-pp runs pipelines of >= 2 stages, got --pipeline-size "
+                             f"{args.pipeline_size}")
+        if world_size % args.pipeline_size:
+            raise SystemExit(f"--policy vllm-pp runs {args.pipeline_size}-stage pipelines, so the number of ranks "
+                             f"({world_size}) must be a multiple of {args.pipeline_size}"
+                             + (" (an even number)" if args.pipeline_size == 2 else ""))
+    if args.policy == "llumnix" and args.pipeline_size != 1:
+        raise SystemExit(f"--policy llumnix migrates requests between whole-model instances: use "
+                         f"--pipeline-size 1 (got {args.pipeline_size})")
+
+
+def micro_batcher(args: argparse.Namespace):
+    """The pipeline groups' micro-batch policy (None: one micro-batch per step)."""
+    if args.micro_batching == "none":
+        return None
+    if args.micro_batching == "token-budget":
+        return make_batcher("token-budget", max_tokens=args.micro_batch_tokens or max(1, args.max_num_batched_tokens // 2))
+    profile = Profile.from_json(args.cost_profile)
+    return make_batcher("lookahead", cost_model=profile.cost_model, min_tokens=profile.min_tokens)
 
 
 def engine_config(args: argparse.Namespace, device: torch.device, layer_range=None) -> EngineConfig:
@@ -83,7 +135,8 @@ def engine_config(args: argparse.Namespace, device: torch.device, layer_range=No
         memory=args.memory, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        seed=args.seed,
+        seed=args.seed, preemption_mode="swap" if args.policy == "swap" else "recompute",
+        swap_space_bytes=args.swap_space_bytes, swap_bytes_per_step=args.swap_bytes_per_step,
     )
 
 
@@ -132,7 +185,7 @@ def build_rank(engine: LLMEngine, rank: int, world_size: int, group, args: argpa
     layout = GroupLayout(tuple(range(rank - rank % size, rank - rank % size + size)), group, None)
     if rank == layout.leader:
         engine.runner = PipelineRunner(engine.model, engine.kv_cache, engine.block_manager, engine.scheduler,
-                                       engine.device, rank, layout, engine.config.seed)
+                                       engine.device, rank, layout, engine.config.seed, batcher=micro_batcher(args))
         return None
     return StageWorker(engine.model, engine.kv_cache, engine.block_manager, engine.device, rank, layout)
 
@@ -148,8 +201,10 @@ def serve_rank0(engine: LLMEngine, world_size: int, group, args: argparse.Namesp
         drop = DropController(weight_layout_of(engine.memory, engine.model_config.num_layers),
                               engine.memory.block_bytes, engine.memory.unified.kv_mapped_bytes,
                               OverloadRules(args.restore_fraction, args.restore_hold_s),
-                              exchange_chunk_bytes=args.exchange_chunk_bytes)
+                              exchange_chunk_bytes=args.exchange_chunk_bytes, micro_batcher=micro_batcher(args))
     driver = ClusterDriver(engine, world_size, group, args.pipeline_size, drop)
+    if args.policy == "llumnix":
+        driver.migration = MigrationCoordinator(MigrationPlanner(MigrationRules()))
     client = AsyncEngine(driver)
     # uvicorn handles SIGINT/SIGTERM, then re-raises the signal with the handler it found at
     # start; a no-op handler here keeps that re-raise from killing rank 0 before the workers
@@ -168,6 +223,10 @@ def main(argv=None) -> None:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s rank{rank} %(name)s %(levelname)s: %(message)s")
+    check_policy(args, world_size)
+    if args.policy == "swap" and args.pipeline_size != 1:
+        raise SystemExit("--policy swap swaps whole-model instances only: use --pipeline-size 1 "
+                         f"(got {args.pipeline_size})")
     if world_size % args.pipeline_size:
         raise SystemExit(f"--pipeline-size {args.pipeline_size} must divide the number of ranks ({world_size})")
     device = rank_device(args.device)

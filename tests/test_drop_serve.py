@@ -68,5 +68,6 @@ def test_burst_drops_then_load_falls_and_restores_token_exact(llama_dir, referen
               re.finditer(r"merged into group (\([\d, ]+\)) as stage .*\(group (\d+)\)", out)}
     assert predicted and set(predicted) == actual
     assert after["kunserve_restores_total"] >= 1 and after["kunserve_drops_total"] >= metrics["kunserve_drops_total"]
+    assert after["kunserve_restore_bytes_total"] > 0  # weights (and any KV) came back from the peers
     assert "left group" in out  # members pulled weights back and served alone again
     assert_clean_exit(code, [p for p in children if p.is_running() and p.status() != "zombie"], out, nproc)

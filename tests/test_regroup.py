@@ -56,3 +56,4 @@ def test_pairs_merge_then_merge_again_then_split_token_exact(llama_dir, referenc
     assert metrics["exchanged_requests_total"] > 0 and metrics["exchange_overlapped_requests_total"] > 0
     assert metrics["kv_bytes_exchanged_total"] > 0 and metrics["exchange_stall_seconds_max"] > 0
     assert log.count("left group (0, 2, 1, 3)") == 4  # every member serves alone again
+    assert metrics["restore_bytes_total"] > 0

@@ -51,7 +51,8 @@ def _instance(labels: str) -> str:
 def sample_from_metrics(t: float, metrics: dict[str, dict[str, float]]) -> dict:
     """One timeline point: per-instance capacity / demand (blocks) and the cluster counters."""
     per_instance = {}
-    for key in ("kv_cache_total_blocks", "memory_demand_blocks", "preemptions_total", "requests_waiting"):
+    for key in ("kv_cache_total_blocks", "memory_demand_blocks", "preemptions_total", "requests_waiting",
+                "swapped_out_bytes_total"):
         for labels, value in metrics.get(key, {}).items():
             per_instance.setdefault(_instance(labels), {})[key] = value
     scalar = {k: sum(metrics.get(k, {}).values()) for k in ("drops_total", "restores_total")}
@@ -100,12 +101,12 @@ def counter_events(samples: list[dict], key: str) -> list[float]:
     return events
 
 
-def total_preemptions(samples: list[dict]) -> int:
+def total_preemptions(samples: list[dict], key: str = "preemptions_total") -> int:
     """Instances vanish when merged, so sum each instance's highest count ever seen."""
     best: dict[str, float] = {}
     for s in samples:
         for iid, v in s["instances"].items():
-            best[iid] = max(best.get(iid, 0.0), v.get("preemptions_total", 0.0))
+            best[iid] = max(best.get(iid, 0.0), v.get(key, 0.0))
     return int(sum(best.values()))
 
 
@@ -156,6 +157,9 @@ def serve_args(args, policy: str) -> list[str]:
         out += ["--num-kv-blocks", str(args.num_kv_blocks)]
     if policy == "kunserve":
         out += ["--restore-hold-s", str(args.restore_hold_s)]
+    if policy == "swap":
+        out += ["--swap-space-bytes", str(args.swap_space_bytes),
+                "--swap-bytes-per-step", str(args.swap_bytes_per_step)]
     return out + list(args.serve_arg)
 
 
@@ -186,7 +190,8 @@ def summarize_policy(result: dict) -> dict:
     samples = result["samples"]
     return {**metrics, "drops": len(counter_events(samples, "drops_total")),
             "restores": len(counter_events(samples, "restores_total")),
-            "preemptions": total_preemptions(samples)}
+            "preemptions": total_preemptions(samples),
+            "swapped_out_bytes": total_preemptions(samples, "swapped_out_bytes_total")}
 
 
 def format_table(summary: dict[str, dict], sweep: dict) -> str:
@@ -219,7 +224,11 @@ def p99_ttft_ratio(summary: dict[str, dict], baseline: str = "vllm", ours: str =
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kunserve.bench compare", description=__doc__.splitlines()[0])
-    p.add_argument("--policies", nargs="+", default=["vllm", "kunserve"])
+    p.add_argument("--policies", nargs="+", default=["vllm", "kunserve"],
+                   choices=["vllm", "vllm-pp", "swap", "llumnix", "kunserve"],
+                   help="kunserve.serve --policy values to compare (vllm-pp: 2-stage pipelines, needs even --ranks)")
+    p.add_argument("--swap-space-bytes", type=int, default=4 << 30, help="swap: host swap space per instance")
+    p.add_argument("--swap-bytes-per-step", type=int, default=512 << 20, help="swap: swap-in bytes per step")
     p.add_argument("--model", default=None, help="model dir (default: the built-in tiny model)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--num-kv-blocks", type=int, default=16, help="per instance; 0 = size from memory")

@@ -22,7 +22,12 @@ class InstanceSnapshot:
     num_waiting: int
     hol_blocks: int = 0
     queued_blocks: int = 0
-    num_preemptions: int = 0
+    num_preemptions: int = 0  # all preemptions, swapped or recomputed
+    # swap preemption (--policy swap); zero under the other policies
+    num_swap_preemptions: int = 0
+    num_recompute_fallbacks: int = 0  # victims recomputed because the swap space was full
+    swapped_out_bytes: int = 0
+    swapped_in_bytes: int = 0
     exchanging: bool = False  # a pipeline group still moving KV after a merge: not regrouped again yet
 
     @property

@@ -26,7 +26,9 @@ from kunserve.policy.snapshot import ClusterSnapshot, InstanceSnapshot
 from kunserve.runtime.drop_controller import DropController
 from kunserve.runtime.engine import LLMEngine
 from kunserve.runtime.kv_exchange import ExchangeProgress
-from kunserve.runtime.pipeline import StageWorker
+from kunserve.runtime.migration import (MigrationCommand, MigrationCoordinator, MigrationReport, RankMigrations,
+                                        run_migrations)
+from kunserve.runtime.pipeline import PipelineRunner, StageWorker, StepTiming
 from kunserve.runtime.regroup import MergeOrder, MergeStats, SplitOrder, merge_into_group, split_group
 from kunserve.runtime.transport import recv_object, send_object
 from kunserve.sampling_params import SamplingParams
@@ -49,6 +51,7 @@ class StepCommand:
     merge: MergeOrder | None = None  # this rank joins a pipeline group in this step
     split: SplitOrder | None = None  # this rank's group splits back into single instances
     shutdown: bool = False
+    migration: MigrationCommand | None = None  # llumnix: this step's live-migration work (runtime/migration.py)
 
 
 @attrs.frozen
@@ -59,6 +62,8 @@ class StepReport:
     merge: MergeStats | None = None  # stats of a merge or split this rank just ran
     assignment: dict[str, int] | None = None  # after a split: request id -> rank that owns it
     exchange: ExchangeProgress | None = None  # this rank's share of a running KV exchange
+    pipeline: tuple[StepTiming, ...] = ()  # a pipeline leader's step timings (bubble measurement)
+    migration: MigrationReport | None = None  # llumnix: migration candidates and outcomes
 
 
 @attrs.define
@@ -71,6 +76,7 @@ class RankState:
     instance_id: int
     stage: StageWorker | None = None
     always_step: bool = False
+    migrations: RankMigrations = attrs.Factory(RankMigrations)  # llumnix: migrations in flight here
 
 
 def handle_command(state: RankState, command: StepCommand, group) -> StepReport:
@@ -90,17 +96,25 @@ def handle_command(state: RankState, command: StepCommand, group) -> StepReport:
             if not command.shutdown:
                 state.stage.step()
             return StepReport((), None, **_exchange_progress(state.stage.exchange))
+        migration = run_migrations(state, command.migration, group)  # llumnix: copy KV before the step
         if command.shutdown:
             outputs += [engine.abort_request(rid) for rid in list(engine.requests)]
         elif state.always_step or engine.has_unfinished_requests():
             outputs += engine.step()
-        return StepReport(tuple(outputs), engine.snapshot(state.instance_id),
-                          **_exchange_progress(getattr(engine.runner, "exchange", None)))
+        return StepReport(tuple(outputs), engine.snapshot(state.instance_id), migration=migration,
+                          **_leader_reports(engine.runner))
     except Exception:  # noqa: BLE001 - reported to rank 0, which fails the affected requests
         error = traceback.format_exc()
         log.error("instance %d step failed:\n%s", state.instance_id, error)
         outputs += [engine.abort_request(rid) for rid in list(engine.requests)]
         return StepReport(tuple(outputs), engine.snapshot(state.instance_id), error)
+
+
+def _leader_reports(runner) -> dict:
+    """StepReport fields a pipeline leader adds: its exchange progress and step timings."""
+    if not isinstance(runner, PipelineRunner):
+        return {}
+    return _exchange_progress(runner.exchange) | {"pipeline": tuple(runner.take_timings())}
 
 
 def _exchange_progress(exchange) -> dict:
@@ -132,12 +146,40 @@ def run_rank(state: RankState, group) -> None:
             return
 
 
+@attrs.define
+class PipelineTime:
+    """Pipeline bubbles, from the leaders' step timings: per rank, the wall seconds of its
+    groups' steps and the seconds it computed; the rest it sat idle."""
+
+    wall: dict[int, float] = attrs.Factory(dict)
+    busy: dict[int, float] = attrs.Factory(dict)
+    steps: int = 0
+
+    def record(self, timing: StepTiming) -> None:
+        self.steps += 1
+        for rank, seconds in timing.busy.items():
+            self.wall[rank] = self.wall.get(rank, 0.0) + timing.wall
+            self.busy[rank] = self.busy.get(rank, 0.0) + seconds
+
+    def metrics(self) -> dict:
+        if not self.steps:
+            return {}
+        idle = {str(r): max(0.0, 1 - self.busy[r] / self.wall[r]) for r in sorted(self.wall) if self.wall[r] > 0}
+        total_wall = sum(self.wall.values())
+        return {"pipeline_steps_total": self.steps, "pipeline_idle_fraction": idle,
+                "pipeline_bubble_fraction": max(0.0, 1 - sum(self.busy.values()) / total_wall) if total_wall else 0.0}
+
+
 class ClusterDriver:
     """Rank 0's view and control of every instance.
+
+    ``migration`` (set by serve for ``--policy llumnix``) plans and tracks live migrations.
 
     Invariants: ``owner`` maps every unfinished request id to its instance; a request id leaves
     ``owner`` exactly when its finished output is returned from ``step``.
     """
+
+    migration: MigrationCoordinator | None = None
 
     def __init__(self, local_engine: LLMEngine, world_size: int = 1, group=None, pipeline_size: int = 1,
                  drop: DropController | None = None):
@@ -154,6 +196,7 @@ class ClusterDriver:
         self._new: dict[int, list[NewRequest]] = {i: [] for i in self.instance_rank if i}
         self._aborts: dict[int, list[str]] = {i: [] for i in self.instance_rank if i}
         self.failed_steps = 0
+        self.pipeline_time = PipelineTime()
         self.local_state = RankState(local_engine, 0, 0, None, always_step=pipeline_size > 1)
         self.drop = drop
         self._merges: dict[int, MergeOrder | SplitOrder] = {}  # rank -> regrouping it runs next step
@@ -210,18 +253,27 @@ class ClusterDriver:
     def extra_metrics(self) -> dict:
         """Cluster-level counters for /metrics (the drop mechanism adds drops and restores)."""
         extra = {"cluster_instances": len(self.snapshots), "failed_steps_total": self.failed_steps}
+        extra |= self.migration.metrics() if self.migration else {}
+        extra |= self.pipeline_time.metrics()
         return extra | (self.drop.metrics() if self.drop else {})
 
     def step(self) -> list[RequestOutput]:
         merges, self._merges = self._merges, {}
         commands = self._take_commands(merges)
+        local = _regroup_command(StepCommand(), merges.get(0))
+        if self.migration is not None:  # llumnix: this step's migration tasks ride on the commands
+            commands, local = self.migration.attach(commands, local, self.instance_rank)
         for rank, command in commands.items():
             send_object(command, rank, self.group)
-        reports = [handle_command(self.local_state, _regroup_command(StepCommand(), merges.get(0)), self.group)]
+        reports = [handle_command(self.local_state, local, self.group)]
         reports += [recv_object(rank, self.group) for rank in commands]
         outputs = [o for report in reports for o in self._absorb(report)]
+        if self.migration is not None:  # before finished requests leave owner: it re-points migrated ones
+            self.migration.after_step(self, reports)
         if self.drop is not None:
             self.drop.record_exchange([r.exchange for r in reports if r.exchange is not None])
+        for timing in (t for r in reports for t in r.pipeline):
+            self.pipeline_time.record(timing)
         if merges:
             self._apply_merges({o for o in merges.values() if isinstance(o, MergeOrder)}, reports)
             self._apply_splits({o for o in merges.values() if isinstance(o, SplitOrder)}, reports)

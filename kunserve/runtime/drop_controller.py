@@ -33,12 +33,12 @@ class DropController:
 
     def __init__(self, layout: WeightLayout, full_block_bytes: int, kv_mapped_bytes: int,
                  rules: OverloadRules | None = None, max_group_size: int | None = None,
-                 exchange_chunk_bytes: int = DEFAULT_EXCHANGE_CHUNK_BYTES):
+                 exchange_chunk_bytes: int = DEFAULT_EXCHANGE_CHUNK_BYTES, micro_batcher=None):
         self.layout, self.full_block_bytes, self.kv_mapped_bytes = layout, full_block_bytes, kv_mapped_bytes
         self.planner = GreedyDropPlanner(layout, max_group_size)
         self.rules = rules or OverloadRules()
-        self.exchange_chunk_bytes = exchange_chunk_bytes
-        self.drops = self.restores = self.fallbacks = self.bytes_exchanged = 0
+        self.exchange_chunk_bytes, self.micro_batcher = exchange_chunk_bytes, micro_batcher
+        self.drops = self.restores = self.fallbacks = self.bytes_exchanged = self.restore_bytes = 0
         self.groups: dict[int, tuple[MergeOrder, float]] = {}  # leader -> (order, merge time)
         self.freed: dict[int, int] = {}  # grouped instance -> weight bytes it dropped so far
         self.merge_pause_seconds = self.restore_seconds = 0.0  # longest merge / split step
@@ -86,7 +86,7 @@ class DropController:
                 self.predicted_blocks.pop(source.members[0], None)
             for member in group.members:
                 self.freed[member] = self.freed.get(member, 0) + plan.freed_bytes.get(member, 0)
-            order = MergeOrder(group.members, group.slices, sources, self.exchange_chunk_bytes)
+            order = MergeOrder(group.members, group.slices, sources, self.exchange_chunk_bytes, self.micro_batcher)
             self.groups[group.members[0]] = (order, time.monotonic())
             self.predicted_blocks[group.members[0]] = self._predicted_capacity(group)
             log.info("drop: groups %s merge into pipeline %s with slices %s (predicted capacity %d blocks)",
@@ -126,7 +126,7 @@ class DropController:
         self.merge_pause_seconds = max(self.merge_pause_seconds, seconds)
 
     def record_split(self, bytes_sent: int, seconds: float) -> None:
-        self.bytes_exchanged += bytes_sent
+        self.restore_bytes += bytes_sent  # weights pulled back + KV gathered to the new owners
         self.restore_seconds = max(self.restore_seconds, seconds)
 
     def record_exchange(self, progress: list[ExchangeProgress]) -> None:
@@ -146,7 +146,7 @@ class DropController:
         return {
             "drops_total": self.drops, "restores_total": self.restores, "drop_fallbacks_total": self.fallbacks,
             "kv_bytes_exchanged_total": self.bytes_exchanged, "drop_merge_pause_seconds": self.merge_pause_seconds,
-            "restore_seconds": self.restore_seconds,
+            "restore_seconds": self.restore_seconds, "restore_bytes_total": self.restore_bytes,
             "exchanged_requests_total": len(self.request_stalls),
             "exchange_stall_seconds_max": max(self.request_stalls, default=0.0),
             "exchange_stall_seconds_sum": sum(self.request_stalls),

@@ -17,12 +17,14 @@ import torch
 from kunserve.config import EngineConfig
 from kunserve.models import ModelConfig, build_model, load_dummy, load_safetensors, parse_dtype, resolve_model_dir
 from kunserve.outputs import CompletionOutput, RequestOutput
+from kunserve.policy.preemption import SwapPreemption
 from kunserve.policy.snapshot import InstanceSnapshot
 from kunserve.runtime.instance_memory import InstanceMemory, vmm_available
 from kunserve.runtime.kv_cache import kv_block_bytes
 from kunserve.runtime.model_runner import ModelRunner
 from kunserve.runtime.request import Request, RequestStatus
 from kunserve.runtime.scheduler import Scheduler
+from kunserve.runtime.swap import HostSwapSpace, Swapper
 from kunserve.sampling_params import SamplingParams
 from kunserve.tokenizer import find_stop_string, load_tokenizer
 
@@ -73,7 +75,8 @@ class LLMEngine:
         )
         self._load_weights(self.memory.allocator)
         self.kv_cache, self.block_manager = self.memory.kv_cache, self.memory.block_manager
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.swapper: Swapper | None = None  # set by _make_scheduler under swap preemption
+        self.scheduler = self._make_scheduler()
         self.runner = self.make_runner()
         self.requests: dict[str, Request] = {}
         self._text_len: dict[str, int] = {}
@@ -152,6 +155,22 @@ class LLMEngine:
         log.info("CUDA memory: %.2f GiB free, weights %.2f GiB, peak activation %.2f GiB -> KV %.2f GiB",
                  free / 2**30, weights / 2**30, activation / 2**30, budget / 2**30)
         return max(budget, 0)
+
+    def _make_scheduler(self) -> Scheduler:
+        cfg = self.config
+        if cfg.preemption_mode == "recompute":
+            return Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        block_bytes = self.memory.block_bytes
+        num_host_blocks = cfg.swap_space_bytes // block_bytes
+        if num_host_blocks == 0:
+            log.warning("swap_space_bytes %d holds no KV block of %d bytes: every preemption recomputes",
+                        cfg.swap_space_bytes, block_bytes)
+        # [host blocks, layers, 2, block_size, kv_heads, head_dim], pinned for async copies on CUDA
+        space = HostSwapSpace(num_host_blocks, self.kv_cache.storage.shape[1:], self.dtype,
+                              pin_memory=self.device.type == "cuda")
+        self.swapper = Swapper(space, self.device)
+        return Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                         preemption=SwapPreemption(block_bytes, cfg.swap_bytes_per_step), host_pool=space.pool)
 
     def make_runner(self) -> ModelRunner:
         """A runner for the current model and KV cache (rebuilt when a group splits back)."""
@@ -240,12 +259,18 @@ class LLMEngine:
             num_running=len(self.scheduler.running) + len(self.scheduler.stalled),
             num_waiting=len(waiting), hol_blocks=needed[0] if needed else 0,
             queued_blocks=sum(needed), num_preemptions=self.scheduler.num_preemptions,
+            num_swap_preemptions=self.scheduler.num_swap_preemptions,
+            num_recompute_fallbacks=self.scheduler.num_recompute_fallbacks,
+            swapped_out_bytes=self.swapper.swapped_out_bytes if self.swapper else 0,
+            swapped_in_bytes=self.swapper.swapped_in_bytes if self.swapper else 0,
             exchanging=getattr(self.runner, "exchange_pending", False),
         )
 
     # -- stepping ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
+        if self.swapper is not None:  # before the forward reuses the blocks swap-outs freed
+            self.swapper.apply(plan, self.kv_cache.storage, self.block_manager.block_table)
         sampled = self.runner.execute(plan)
         self.scheduler.update(plan, sampled)
         outputs = []

@@ -1,10 +1,14 @@
 """Pipeline-parallel groups: several ranks each run a contiguous layer slice of one model.
 
 The group's *leader* (stage 0) is an ordinary ``LLMEngine`` whose runner is a
-``PipelineRunner``: it schedules over the group's one queue, runs the embedding and its layers,
-and sends a ``StageStep`` (what to compute) with the hidden states to stage 1. Every other
-member runs ``StageWorker.step``: receive, run its layers over its own KV cache, send on; the
-last stage samples and sends the tokens back to the leader.
+``PipelineRunner``: it schedules over the group's one queue, splits the step into micro-batches
+(``batcher``: lookahead or token-budget, ``policy/batching.py``; default one), sends a
+``StageStep`` (what to compute) to stage 1 and then, micro-batch by micro-batch, runs the
+embedding and its layers and sends the hidden states on without waiting. Every other member
+runs ``StageWorker.step``: per micro-batch receive, run its layers over its own KV cache, send
+on, so stage k works on micro-batch i while stage k - 1 computes i + 1; the last stage samples
+and sends the tokens back to the leader. Each stage's compute seconds travel along (after the
+micro-batches) so the leader can measure the bubbles: ``StepTiming``.
 
 Block ids: the leader's block manager decides admission (all members size their pools alike);
 each member mirrors the allocation in its own block manager, by request id, from the chunks
@@ -18,15 +22,18 @@ that does not come. Control objects go on the gloo group; hidden states on the d
 
 from __future__ import annotations
 
+import time
+
 import attrs
 import torch
 import torch.distributed as dist
+
+from kunserve.policy.cost_model import ChunkWork
 
 from kunserve.runtime.attention import AttentionMetadata
 from kunserve.runtime.block_manager import BlockManager
 from kunserve.runtime.kv_cache import PagedKVCache
 from kunserve.runtime.kv_exchange import KVExchange, LeaderExchange
-from kunserve.runtime.model_runner import prepare_inputs
 from kunserve.runtime.sampler import sample
 from kunserve.runtime.scheduler import SchedulerOutput
 from kunserve.runtime.transport import recv_object, send_object
@@ -43,19 +50,57 @@ class StageChunk:
 
 @attrs.frozen
 class StageStep:
-    """One pipeline step as every stage needs it (no token ids: only stage 0 embeds)."""
+    """One pipeline step as every stage needs it (no token ids: only stage 0 embeds). Its
+    micro-batches enter every stage in order, so a request chunked across micro-batches has
+    its earlier piece's KV written at each stage before the later piece reads it."""
 
-    chunks: tuple[StageChunk, ...]
+    micro_batches: tuple[tuple[StageChunk, ...], ...]
     released: tuple[str, ...] = ()  # blocks to free first (finished, aborted or preempted)
+
+    @property
+    def chunks(self) -> tuple[StageChunk, ...]:
+        return tuple(c for mb in self.micro_batches for c in mb)
 
 
 @attrs.frozen
 class StageResult:
-    """The last stage's answer: greedy tokens, and logits rows [vocab] the leader samples from
-    with the request's own (seeded) generator, which therefore never leaves the leader."""
+    """The last stage's answer: greedy tokens, logits rows [vocab] the leader samples from
+    with the request's own (seeded) generator, which therefore never leaves the leader, and
+    the seconds each stage computed in this step (for the bubble measurement)."""
 
     tokens: dict[str, int]
     logits: dict[str, torch.Tensor]
+    busy: dict[int, float] = attrs.Factory(dict)
+
+
+@attrs.frozen
+class StepTiming:
+    """A group's step as the leader saw it: wall seconds from its first micro-batch to the
+    last stage's answer, and each member's compute seconds in it. A member is idle (a pipeline
+    bubble) for ``wall - busy``."""
+
+    wall: float
+    busy: dict[int, float]
+
+
+def form_micro_batches(plan: SchedulerOutput, batcher) -> tuple[tuple[StageChunk, ...], ...]:
+    """The step's chunks as micro-batches: one holding everything without a batcher, else the
+    batcher's (``policy/batching.py``) split, a request's chunk possibly cut into pieces of which
+    only the last may complete (sample a token)."""
+    if not plan.chunks:
+        return ()
+    chunks = {c.request.request_id: c for c in plan.chunks}
+    if batcher is None:
+        return (tuple(_stage_chunk(c, c.request.num_computed_tokens, c.num_tokens) for c in plan.chunks),)
+    work = [ChunkWork(rid, c.request.num_computed_tokens, c.num_tokens) for rid, c in chunks.items()]
+    return tuple(tuple(_stage_chunk(chunks[w.request_id], w.prefix, w.num_tokens) for w in mb)
+                 for mb in batcher.form(work))
+
+
+def _stage_chunk(chunk, start: int, num_tokens: int) -> StageChunk:
+    end = chunk.request.num_computed_tokens + chunk.num_tokens
+    return StageChunk(chunk.request.request_id, start, num_tokens, chunk.completes and start + num_tokens == end,
+                      chunk.request.params.greedy)
 
 
 @attrs.frozen
@@ -83,11 +128,13 @@ class GroupLayout:
         return self.ranks[-1]
 
 
-def _stage_metadata(step: StageStep, block_manager: BlockManager, device) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
-    """Attention metadata, positions [T] and logits rows [n] of a step, from this member's
-    own block tables (allocated here for the step's chunks)."""
+def _stage_metadata(chunks: tuple[StageChunk, ...], block_manager: BlockManager, device
+                    ) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+    """Attention metadata, positions [T] and logits rows [n] of one micro-batch, from this
+    member's own block tables (allocated here for the chunks; a no-op on the leader, whose
+    scheduler allocated them)."""
     query_lens, context_lens, tables, positions, rows = [], [], [], [], []
-    for chunk in step.chunks:
+    for chunk in chunks:
         end = chunk.start + chunk.num_tokens
         block_manager.allocate(chunk.request_id, end)
         query_lens.append(chunk.num_tokens)
@@ -99,6 +146,13 @@ def _stage_metadata(step: StageStep, block_manager: BlockManager, device) -> tup
     meta = AttentionMetadata.build(query_lens, context_lens, tables, block_manager.block_size, device)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     return meta, as_long(positions), as_long(rows)
+
+
+def _now(device: torch.device) -> float:
+    """A timestamp after the device's queued work (compute seconds must not read as idle)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class StageWorker:
@@ -113,34 +167,45 @@ class StageWorker:
 
     @torch.inference_mode()
     def step(self) -> None:
-        prev = self.layout.prev_rank(self.rank)
-        step: StageStep = recv_object(prev, self.layout.control_group)
-        hidden = torch.empty(sum(c.num_tokens for c in step.chunks), self.model.config.hidden_size,
-                             dtype=self.model.config.dtype, device=self.device)
-        dist.recv(hidden, prev, group=self.layout.data_group)
+        prev, nxt = self.layout.prev_rank(self.rank), self.layout.next_rank(self.rank)
+        control, data = self.layout.control_group, self.layout.data_group
+        step: StageStep = recv_object(prev, control)
+        if nxt is not None:
+            send_object(step, nxt, control)  # early, so the next stage is waiting for micro-batch 0
         for request_id in step.released:
             self.block_manager.free(request_id)
-        meta, positions, rows = _stage_metadata(step, self.block_manager, self.device)
-        if step.chunks:
+        busy, sends, tokens, logits = 0.0, [], {}, {}
+        for chunks in step.micro_batches:
+            hidden = torch.empty(sum(c.num_tokens for c in chunks), self.model.config.hidden_size,
+                                 dtype=self.model.config.dtype, device=self.device)  # [T, hidden]
+            dist.recv(hidden, prev, group=data)
+            start = _now(self.device)
+            meta, positions, rows = _stage_metadata(chunks, self.block_manager, self.device)
             hidden = self.model(hidden, positions, self.kv_cache.by_layer(), meta)
-        nxt = self.layout.next_rank(self.rank)
+            if nxt is None:
+                self._sample(chunks, hidden, rows, tokens, logits)
+            busy += _now(self.device) - start
+            if nxt is not None:  # asynchronous: the next micro-batch is computed meanwhile
+                hidden = hidden.contiguous()
+                sends.append((dist.isend(hidden, nxt, group=data), hidden))
+        stage_busy = recv_object(prev, control) | {self.rank: busy}
+        for work, _tensor in sends:
+            work.wait()
         if nxt is not None:
-            send_object(step, nxt, self.layout.control_group)
-            dist.send(hidden.contiguous(), nxt, group=self.layout.data_group)
+            send_object(stage_busy, nxt, control)
         else:
-            send_object(self._result(step, hidden, rows), self.layout.leader, self.layout.control_group)
+            send_object(StageResult(tokens, logits, stage_busy), self.layout.leader, control)
         if self.exchange is not None and not self.exchange.done:
             self.exchange.run_round()  # after the activations: they never wait behind KV
 
-    def _result(self, step: StageStep, hidden: torch.Tensor, rows: torch.Tensor) -> StageResult:
-        completing = [c for c in step.chunks if c.completes]
+    def _sample(self, chunks, hidden: torch.Tensor, rows: torch.Tensor, tokens: dict, logits_out: dict) -> None:
+        completing = [c for c in chunks if c.completes]
         if not completing:
-            return StageResult({}, {})
+            return
         logits = self.model.compute_logits(hidden[rows])  # [n, vocab] fp32
         greedy = logits.argmax(dim=-1).tolist()
-        tokens = {c.request_id: t for c, t in zip(completing, greedy) if c.greedy}
-        rows_out = {c.request_id: logits[i].cpu() for i, c in enumerate(completing) if not c.greedy}
-        return StageResult(tokens, rows_out)
+        tokens.update({c.request_id: t for c, t in zip(completing, greedy) if c.greedy})
+        logits_out.update({c.request_id: logits[i].cpu() for i, c in enumerate(completing) if not c.greedy})
 
 
 class PipelineRunner:
@@ -148,12 +213,15 @@ class PipelineRunner:
     computed across the group. Tracks which requests the other stages hold blocks for."""
 
     def __init__(self, model, kv_cache: PagedKVCache, block_manager: BlockManager, scheduler, device,
-                 rank: int, layout: GroupLayout, seed: int = 0, exchange: LeaderExchange | None = None):
+                 rank: int, layout: GroupLayout, seed: int = 0, exchange: LeaderExchange | None = None,
+                 batcher=None):
         self.model, self.kv_cache, self.block_manager = model, kv_cache, block_manager
         self.scheduler, self.device, self.rank, self.layout = scheduler, torch.device(device), rank, layout
         self._holding: set[str] = set()  # requests the members hold blocks for
         self.default_generator = torch.Generator().manual_seed(seed)
         self.exchange = exchange
+        self.batcher = batcher  # micro-batch policy (policy/batching.py); None: one per step
+        self.timings: list[StepTiming] = []  # since the owner last took them (``take_timings``)
         if exchange is not None:
             self._holding |= set(exchange.start())
 
@@ -161,20 +229,34 @@ class PipelineRunner:
     def exchange_pending(self) -> bool:
         return self.exchange is not None and not self.exchange.done
 
+    def take_timings(self) -> list[StepTiming]:
+        timings, self.timings = self.timings, []
+        return timings
+
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> dict[str, int]:
         step = self._stage_step(plan)
         if self.exchange_pending:
             self.exchange.note_scheduled(c.request_id for c in step.chunks)
-        if plan.chunks:
-            inputs = prepare_inputs(plan, self.block_manager, self.device)
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.by_layer(), inputs.meta)
-        else:
-            hidden = torch.empty(0, self.model.config.hidden_size, dtype=self.model.config.dtype, device=self.device)
-        nxt = self.layout.next_rank(self.rank)
-        send_object(step, nxt, self.layout.control_group)
-        dist.send(hidden.contiguous(), nxt, group=self.layout.data_group)
-        result: StageResult = recv_object(self.layout.last, self.layout.control_group)
+        nxt, control, data = self.layout.next_rank(self.rank), self.layout.control_group, self.layout.data_group
+        send_object(step, nxt, control)
+        requests = {c.request.request_id: c.request for c in plan.chunks}
+        started = _now(self.device)
+        busy, sends = 0.0, []
+        for chunks in step.micro_batches:
+            start = _now(self.device)
+            ids = [t for c in chunks for t in requests[c.request_id].token_ids[c.start:c.start + c.num_tokens]]
+            meta, positions, _rows = _stage_metadata(chunks, self.block_manager, self.device)
+            hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), positions,
+                                self.kv_cache.by_layer(), meta).contiguous()  # [T, hidden]
+            busy += _now(self.device) - start
+            sends.append((dist.isend(hidden, nxt, group=data), hidden))  # the next stage starts now
+        send_object({self.rank: busy}, nxt, control)
+        for work, _tensor in sends:
+            work.wait()
+        result: StageResult = recv_object(self.layout.last, control)
+        if step.micro_batches:
+            self.timings.append(StepTiming(time.perf_counter() - started, result.busy))
         if self.exchange_pending:
             self._holding |= set(self.exchange.run_round())  # resumed: members hold their blocks
         return {**result.tokens, **self._sample_rows(plan, result.logits)}
@@ -192,9 +274,4 @@ class PipelineRunner:
         holding_now = scheduled | {r.request_id for r in self.scheduler.running}
         released = tuple(sorted(self._holding - holding_now))  # finished, aborted or preempted
         self._holding = (self._holding - set(released)) | scheduled
-        chunks = tuple(
-            StageChunk(c.request.request_id, c.request.num_computed_tokens, c.num_tokens, c.completes,
-                       c.request.params.greedy)
-            for c in plan.chunks
-        )
-        return StageStep(chunks, released)
+        return StageStep(form_micro_batches(plan, self.batcher), released)

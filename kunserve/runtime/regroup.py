@@ -47,12 +47,13 @@ class MergeOrder:
     """Ranks in pipeline order with their layer slices; the first rank leads the group.
     ``sources`` are the groups that merge (default: every rank a single instance);
     ``chunk_bytes`` bounds what one link carries per exchange round (about the link bandwidth
-    times one stage's compute time)."""
+    times one stage's compute time); ``micro_batcher`` is how the group's leader splits steps."""
 
     ranks: tuple[int, ...]
     slices: tuple[LayerRange, ...]
     sources: tuple[Group, ...] = ()
     chunk_bytes: int = DEFAULT_EXCHANGE_CHUNK_BYTES
+    micro_batcher: object = None  # the group's micro-batch policy (policy/batching.py); None: one per step
 
     def slice_of(self, rank: int) -> LayerRange:
         return self.slices[self.ranks.index(rank)]
@@ -223,7 +224,8 @@ def merge_into_group(engine, order: MergeOrder, rank: int, group):
         scheduler.running.clear()
         exchange = LeaderExchange(rank, schedule, engine.kv_cache, engine.block_manager, scheduler)
         engine.runner = PipelineRunner(engine.model, engine.kv_cache, engine.block_manager, scheduler,
-                                       engine.device, rank, layout, engine.config.seed, exchange=exchange)
+                                       engine.device, rank, layout, engine.config.seed, exchange=exchange,
+                                       batcher=order.micro_batcher)
         return None, stats
     exchange = KVExchange(rank, schedule, engine.kv_cache, engine.block_manager)
     return StageWorker(engine.model, engine.kv_cache, engine.block_manager, engine.device, rank, layout,

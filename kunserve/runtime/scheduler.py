@@ -4,18 +4,26 @@ Each step the scheduler spends a token budget: first on running requests in admi
 (a long prefill is chunked to what the budget allows), then, only if nothing was preempted in
 this step, on waiting requests in FCFS order. When a running request needs a KV block and none
 is free, the newest running request is preempted: its blocks are freed, its computed-token count
-is reset to 0 and it goes to the head of the waiting queue, to be recomputed later.
+is reset to 0 and it goes to the head of the waiting queue, to be recomputed later. Under a
+swapping preemption policy (``kunserve.policy.preemption.SwapPreemption``) the victim's KV is
+instead copied to a host swap space (``SchedulerOutput.swapped_out``); it keeps its computed
+count and, when re-admitted, gets fresh blocks that its KV is copied back into (``swapped_in``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 
 import attrs
 
+from kunserve.policy.preemption import Preempt, RecomputePreemption
 from kunserve.runtime.block_manager import BlockManager
 from kunserve.runtime.request import Request, RequestStatus
+from kunserve.runtime.swap import HostBlockPool, SwapOp
+
+log = logging.getLogger(__name__)
 
 
 @attrs.frozen
@@ -37,6 +45,9 @@ class SchedulerOutput:
 
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[str, ...] = ()
+    # KV copies the engine runs before the forward (swap policy only; never both in one step)
+    swapped_out: tuple[SwapOp, ...] = ()
+    swapped_in: tuple[SwapOp, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -46,10 +57,20 @@ class SchedulerOutput:
 class Scheduler:
     """Invariants: a request is in exactly one of ``waiting`` / ``running`` or finished;
     every running request holds blocks for all its computed tokens; ``running`` is in
-    admission order, so its tail is the newest request (the preemption victim)."""
+    admission order, so its tail is the newest request (the preemption victim). A request in
+    ``swapped`` is waiting and its host blocks hold the KV of all its computed tokens."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 preemption=None, host_pool: HostBlockPool | None = None):
         self.block_manager = block_manager
+        self.preemption = preemption or RecomputePreemption()
+        assert host_pool is not None or not self.preemption.swaps, "a swapping policy needs a host pool"
+        self.host_pool = host_pool
+        self.swapped: dict[str, tuple[int, ...]] = {}  # waiting request id -> host blocks of its KV
+        self._swap_out: list[SwapOp] = []  # this step's copies (reset by schedule)
+        self._swap_in: list[SwapOp] = []
+        self.num_swap_preemptions = 0
+        self.num_recompute_fallbacks = 0
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -82,6 +103,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
+        self._swap_out, self._swap_in = [], []
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -93,14 +115,15 @@ class Scheduler:
             index += 1
         if not preempted:
             budget = self._admit_waiting(budget, chunks)
-        return SchedulerOutput(tuple(chunks), tuple(preempted))
+        return SchedulerOutput(tuple(chunks), tuple(preempted), tuple(self._swap_out), tuple(self._swap_in))
 
     def _make_room(self, request: Request, num_tokens: int, preempted: list[str]) -> bool:
         """Preempt newest requests until ``request`` can grow; False if it was preempted."""
         target = request.num_computed_tokens + num_tokens
         while not self.block_manager.can_allocate(request.request_id, target):
             victim = self.running.pop()
-            self.preempt(victim)
+            if not (self.preemption.swaps and self._swap_out_victim(victim)):
+                self.preempt(victim)
             preempted.append(victim.request_id)
             if victim is request:
                 return False
@@ -112,12 +135,62 @@ class Scheduler:
             num_tokens = min(request.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(request.request_id, num_tokens):
                 break  # FCFS: nobody overtakes the head of the queue
+            host_blocks = self.swapped.get(request.request_id)
+            if host_blocks is not None and not self._may_swap_in(request, host_blocks, num_tokens):
+                break  # no room for its KV + chunk, or over this step's swap budget: next step
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             chunks.append(self._admit_chunk(request, num_tokens))
+            if host_blocks is not None:
+                self._swap_in_admitted(request, host_blocks)
             budget -= num_tokens
         return budget
+
+    # -- swap preemption (policy decides, the engine's Swapper copies) ---------------------------
+    def _swap_out_victim(self, victim: Request) -> bool:
+        """Move ``victim`` (already removed from ``running``) to the head of the queue with its KV
+        bound for host blocks; False if the policy says recompute instead."""
+        computed_blocks = -(-victim.num_computed_tokens // self.block_manager.block_size)
+        device_blocks = tuple(self.block_manager.block_table(victim.request_id)[:computed_blocks])
+        decision = self.preemption.on_preempt(len(device_blocks), self.host_pool.num_free_blocks)
+        if decision is Preempt.FALLBACK:
+            if not self.num_recompute_fallbacks:
+                log.warning("swap space full (%d host blocks free, request %s needs %d): recomputing "
+                            "instead; later fallbacks are only counted", self.host_pool.num_free_blocks,
+                            victim.request_id, len(device_blocks))
+            self.num_recompute_fallbacks += 1
+        if decision is not Preempt.SWAP:
+            return False
+        host_blocks = tuple(self.host_pool.allocate(len(device_blocks)))
+        self._swap_out.append(SwapOp(victim.request_id, device_blocks, host_blocks))
+        # Freed now, reused in this very step: the Swapper copies them out before the forward.
+        self.block_manager.free(victim.request_id)
+        self.swapped[victim.request_id] = host_blocks
+        victim.status = RequestStatus.WAITING  # num_computed_tokens is kept: nothing is recomputed
+        victim.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.num_swap_preemptions += 1
+        self.waiting.appendleft(victim)
+        return True
+
+    def _may_swap_in(self, request: Request, host_blocks: tuple[int, ...], num_tokens: int) -> bool:
+        step_blocks = sum(len(op.host_blocks) for op in self._swap_in)
+        return (self.preemption.may_swap_in(len(host_blocks), step_blocks)
+                and self.block_manager.can_allocate(request.request_id, request.num_computed_tokens + num_tokens))
+
+    def _swap_in_admitted(self, request: Request, host_blocks: tuple[int, ...]) -> None:
+        """``request`` just got fresh blocks for its computed tokens + chunk: its KV goes to the
+        first ones. Its host blocks are free again once the copy is queued (copies run in order)."""
+        del self.swapped[request.request_id]
+        table = self.block_manager.block_table(request.request_id)
+        self._swap_in.append(SwapOp(request.request_id, tuple(table[:len(host_blocks)]), host_blocks))
+        self.host_pool.free(host_blocks)
+
+    def _drop_swapped(self, request_id: str) -> None:
+        host_blocks = self.swapped.pop(request_id, None)
+        if host_blocks is not None:
+            self.host_pool.free(host_blocks)
 
     def _admit_chunk(self, request: Request, num_tokens: int) -> ScheduledChunk:
         self.block_manager.allocate(request.request_id, request.num_computed_tokens + num_tokens)
@@ -171,6 +244,7 @@ class Scheduler:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
+            self._drop_swapped(request.request_id)  # an aborted swapped request frees its host blocks
         request.status = status
         request.metrics.finished_time = time.time()
         self.block_manager.free(request.request_id)

@@ -280,6 +280,10 @@ class AsyncEngine:
                 "memory_demand_blocks": i.memory_demand_blocks,
                 "queued_blocks": i.queued_blocks,
                 "preemptions_total": i.num_preemptions,
+                "swap_preemptions_total": i.num_swap_preemptions,
+                "recompute_fallbacks_total": i.num_recompute_fallbacks,
+                "swapped_out_bytes_total": i.swapped_out_bytes,
+                "swapped_in_bytes_total": i.swapped_in_bytes,
             }
             for i in getattr(snap, "instances", (snap,))
         }

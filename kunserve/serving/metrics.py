@@ -20,7 +20,7 @@ from collections import defaultdict
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "kunserve_"
 
-LABEL_NAMES = {"requests_total": "finish_reason", "http_responses_total": "code"}
+LABEL_NAMES = {"requests_total": "finish_reason", "http_responses_total": "code", "pipeline_idle_fraction": "rank"}
 
 HELP = {
     "requests_running": "Requests holding KV blocks and being stepped.",
@@ -33,6 +33,8 @@ HELP = {
     "prompt_tokens_total": "Prompt tokens of admitted requests.",
     "generation_tokens_total": "Generated tokens.",
     "http_responses_total": "HTTP error responses by status code.",
+    "pipeline_idle_fraction": "Share of its pipeline group's step time a rank sat idle (bubbles).",
+    "pipeline_bubble_fraction": "Idle share of all pipeline stages' step time.",
 }
 
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_:]")

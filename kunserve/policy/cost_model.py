@@ -1,0 +1,361 @@
+"""Forward-pass cost models fitted from profiled batches (issue 7): the lookahead batcher's
+yardstick and the simulator's clock.
+
+``CostModel`` (KunServe's form). A chunk of ``c`` new tokens of a request whose first ``p``
+tokens are already in the KV cache costs
+
+    a·c·p   attention of the chunk's queries over the prefix
+  + b·c²    attention of the chunk's queries among themselves (causal)
+  + f·c     everything per token: the linear layers, norms, RoPE, the KV write
+  + d       per chunk: its own launch / metadata / logits row
+  + g·p     reading the prefix's KV once per chunk (extension, see below; 0 in the paper)
+
+and a micro-batch of ``k`` chunks costs ``Σ chunk costs − (k − 1)·λ``: a batch reads the
+weights and launches its kernels once, so every chunk after the first saves the shared part
+``λ`` of ``d``. ``λ ≤ d`` is required (otherwise adding a chunk would make a batch cheaper).
+
+Why ``g``: with the paper's four terms a decode (c = 1) pays ``a·p`` for its attention, the
+same per unit of c·p as a long prefill chunk. On a GPU the two differ ~10-30x: a decode
+streams its whole prefix KV for one query (memory bound), while kunserve's Triton prefill
+kernel streams it once per 16-query tile, so its attention costs ≈ β·⌈c/16⌉·p ≈ a·c·p + g·p.
+``g`` is optional: a profile without it (or ``fit(..., prefix_read=False)``) is the paper's
+form, and both are fitted and scored by ``python -m kunserve.profile``.
+
+``TokenLinearModel`` (``α·Σc + β``) is the token-count baseline the paper compares against.
+
+Fit: both are linear in their coefficients, so each is a least-squares solve over measured
+batches. Two choices, both because the target metric is *relative* error across batches
+whose times span two orders of magnitude: every row is divided by its measured time (so a
+10 ms batch counts as much as a 1 s one), and coefficients are kept non-negative (a negative
+one would make some chunk shapes cost less than nothing and break the batcher's assumption
+that cost grows with the tokens taken). The batch model is solved as
+``Σcp·a + Σc²·b + Σc·f + k·e + 1·λ (+ Σp·g)`` with ``e = d − λ ≥ 0``, so ``λ ≤ d`` holds by
+construction.
+
+Decision-time code needs neither torch nor CUDA; fitting uses numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import attrs
+import numpy as np
+
+
+def _non_negative_int(instance, attribute, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{attribute.name} must be an int >= 0, got {value!r}")
+
+
+def _positive_int(instance, attribute, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
+
+
+def _non_negative_float(instance, attribute, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
+
+
+@attrs.frozen
+class ChunkWork:
+    """``num_tokens`` new tokens of request ``request_id``, whose first ``prefix`` tokens are
+    already in the KV cache (positions ``[prefix, prefix + num_tokens)`` are computed)."""
+
+    request_id: str
+    prefix: int = attrs.field(validator=_non_negative_int)
+    num_tokens: int = attrs.field(validator=_positive_int)
+
+    @property
+    def end(self) -> int:
+        """The request's computed-token count once this chunk has run."""
+        return self.prefix + self.num_tokens
+
+
+@attrs.frozen
+class BatchSample:
+    """One profiled forward pass: the chunks it ran and its measured time."""
+
+    chunks: tuple[ChunkWork, ...] = attrs.field(converter=tuple)
+    seconds: float = attrs.field()
+    kind: str = "batch"  # what the profiler was measuring (prefill, decode, ...): reporting only
+
+    @chunks.validator
+    def _check_chunks(self, attribute, value) -> None:
+        if not value:
+            raise ValueError("a sample needs at least one chunk")
+
+    @seconds.validator
+    def _check_seconds(self, attribute, value) -> None:
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"seconds must be a finite number > 0, got {value!r}")
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    def to_dict(self) -> dict:
+        return {"chunks": [[c.prefix, c.num_tokens] for c in self.chunks], "seconds": self.seconds,
+                "kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BatchSample":
+        chunks = [ChunkWork(str(i), int(p), int(c)) for i, (p, c) in enumerate(data["chunks"])]
+        return cls(chunks, float(data["seconds"]), data.get("kind", "batch"))
+
+
+def as_sample(sample) -> BatchSample:
+    """A ``BatchSample``, or a ``(chunks, seconds)`` pair."""
+    if isinstance(sample, BatchSample):
+        return sample
+    chunks, seconds = sample
+    return BatchSample(chunks, seconds)
+
+
+# -- the two models ---------------------------------------------------------------------------
+@attrs.frozen
+class CostModel:
+    """Seconds of one forward pass; see the module docstring for the terms."""
+
+    a: float = attrs.field(validator=_non_negative_float)  # per query x prefix token
+    b: float = attrs.field(validator=_non_negative_float)  # per query x chunk token
+    f: float = attrs.field(validator=_non_negative_float)  # per token
+    d: float = attrs.field(validator=_non_negative_float)  # per chunk
+    lam: float = attrs.field(validator=_non_negative_float)  # shared by a batch's chunks
+    g: float = attrs.field(default=0.0, validator=_non_negative_float)  # per prefix token (KV read)
+
+    def __attrs_post_init__(self) -> None:
+        if self.lam > self.d:
+            raise ValueError(f"lam ({self.lam}) must be <= d ({self.d}): otherwise adding a chunk "
+                             f"to a batch would lower its cost")
+
+    KEYS = ("a", "b", "f", "d", "lambda")  # required in JSON; "g" is optional (default 0)
+
+    def chunk_cost(self, chunk: ChunkWork) -> float:
+        c, p = chunk.num_tokens, chunk.prefix
+        return self.a * c * p + self.b * c * c + self.f * c + self.d + self.g * p
+
+    def batch_cost(self, chunks: Iterable[ChunkWork]) -> float:
+        total, k = 0.0, 0
+        for chunk in chunks:
+            total += self.chunk_cost(chunk)
+            k += 1
+        return total - (k - 1) * self.lam if k else 0.0
+
+    @staticmethod
+    def features(chunks: Sequence[ChunkWork]) -> list[float]:
+        """Columns of the fit: (Σcp, Σc², Σc, k, 1, Σp) for coefficients (a, b, f, d − λ, λ, g)."""
+        cp = sum(c.num_tokens * c.prefix for c in chunks)
+        cc = sum(c.num_tokens * c.num_tokens for c in chunks)
+        return [float(cp), float(cc), float(sum(c.num_tokens for c in chunks)), float(len(chunks)), 1.0,
+                float(sum(c.prefix for c in chunks))]
+
+    @classmethod
+    def fit(cls, samples: Iterable, *, prefix_read: bool = True) -> "CostModel":
+        """Least squares over ``samples``; ``prefix_read=False`` fits the paper's form (g = 0)."""
+        columns = cls.features if prefix_read else (lambda chunks: cls.features(chunks)[:5])
+        a, b, f, e, lam, *g = _fit_relative(columns, samples)
+        return cls(a, b, f, e + lam, lam, g[0] if g else 0.0)
+
+    def mean_relative_error(self, samples: Iterable) -> float:
+        return mean_relative_error(self.batch_cost, samples)
+
+    def to_dict(self) -> dict:
+        return {"form": "a*c*p + b*c^2 + f*c + d + g*p per chunk, minus (k-1)*lambda per batch; seconds",
+                "a": self.a, "b": self.b, "f": self.f, "d": self.d, "lambda": self.lam, "g": self.g}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>", where: str = "") -> "CostModel":
+        a, b, f, d, lam = _numbers(data, cls.KEYS, source, where)
+        (g,) = _numbers(data, ("g",), source, where) if "g" in data else (0.0,)
+        return _construct(cls, source, where, a, b, f, d, lam, g)
+
+    def to_json(self, path: str | Path) -> None:
+        _write_json(path, self.to_dict())
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "CostModel":
+        """A file holding the model itself, or a profile (``python -m kunserve.profile``)."""
+        data = _read_json(path)
+        where = "cost_model." if "cost_model" in data else ""
+        return cls.from_dict(data.get("cost_model", data), str(path), where)
+
+
+@attrs.frozen
+class TokenLinearModel:
+    """Seconds of one forward pass as ``alpha`` per token plus ``beta`` per batch."""
+
+    alpha: float = attrs.field(validator=_non_negative_float)
+    beta: float = attrs.field(validator=_non_negative_float)
+
+    KEYS = ("alpha", "beta")
+
+    def chunk_cost(self, chunk: ChunkWork) -> float:
+        return self.alpha * chunk.num_tokens
+
+    def batch_cost(self, chunks: Iterable[ChunkWork]) -> float:
+        chunks = list(chunks)
+        return self.alpha * sum(c.num_tokens for c in chunks) + self.beta if chunks else 0.0
+
+    @staticmethod
+    def features(chunks: Sequence[ChunkWork]) -> list[float]:
+        return [float(sum(c.num_tokens for c in chunks)), 1.0]
+
+    @classmethod
+    def fit(cls, samples: Iterable) -> "TokenLinearModel":
+        return cls(*_fit_relative(cls.features, samples))
+
+    def mean_relative_error(self, samples: Iterable) -> float:
+        return mean_relative_error(self.batch_cost, samples)
+
+    def to_dict(self) -> dict:
+        return {"form": "alpha*sum(c) + beta; seconds", "alpha": self.alpha, "beta": self.beta}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>", where: str = "") -> "TokenLinearModel":
+        return _construct(cls, source, where, *_numbers(data, cls.KEYS, source, where))
+
+    def to_json(self, path: str | Path) -> None:
+        _write_json(path, self.to_dict())
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TokenLinearModel":
+        """A file holding the model itself, or a profile (its ``token_linear`` entry)."""
+        data = _read_json(path)
+        where = "token_linear." if "token_linear" in data else ""
+        return cls.from_dict(data.get("token_linear", data), str(path), where)
+
+
+@attrs.frozen
+class Profile:
+    """What ``python -m kunserve.profile`` writes: the fitted models and MIN tokens."""
+
+    cost_model: CostModel
+    token_linear: TokenLinearModel
+    min_tokens: int = attrs.field(validator=_positive_int)
+    device: str = "unknown"
+    model: str = "unknown"
+
+    @classmethod
+    def from_json(cls, path: str | Path, section: str | None = None) -> "Profile":
+        """The profile's top-level models (fitted on the batcher's operating range), or those
+        of ``section``: "whole_grid" holds the fit on every profiled batch, the better step
+        clock for small decode-only batches (a simulator's); MIN tokens is always top-level."""
+        data, source = _read_json(path), str(path)
+        models, where = data, ""
+        if section is not None:
+            if section not in data:
+                raise ValueError(f"{source}: missing key {section!r}")
+            models, where = _mapping(data, section, source), section + "."
+        for key in ("cost_model", "token_linear"):
+            if key not in models:
+                raise ValueError(f"{source}: missing key {where + key!r}")
+        if "min_tokens" not in data:
+            raise ValueError(f"{source}: missing key 'min_tokens'")
+        (min_tokens,) = _numbers(data, ("min_tokens",), source, "")
+        if min_tokens != int(min_tokens) or min_tokens < 1:
+            raise ValueError(f"{source}: key 'min_tokens' must be an int >= 1, got {data['min_tokens']!r}")
+        return cls(
+            CostModel.from_dict(_mapping(models, "cost_model", source), source, where + "cost_model."),
+            TokenLinearModel.from_dict(_mapping(models, "token_linear", source), source, where + "token_linear."),
+            int(min_tokens), str(data.get("device", "unknown")), str(data.get("model", "unknown")),
+        )
+
+
+# -- fitting and scoring ----------------------------------------------------------------------
+def mean_relative_error(predict, samples: Iterable) -> float:
+    """Mean of |predicted − measured| / measured over ``samples``."""
+    samples = [as_sample(s) for s in samples]
+    if not samples:
+        raise ValueError("need at least one sample to score a model")
+    return sum(abs(predict(s.chunks) - s.seconds) / s.seconds for s in samples) / len(samples)
+
+
+def _fit_relative(features, samples: Iterable) -> list[float]:
+    """Non-negative least squares of Σ_i ((x_i·w − y_i) / y_i)² over the samples."""
+    samples = [as_sample(s) for s in samples]
+    x = np.array([features(s.chunks) for s in samples], dtype=np.float64)  # [n, m]
+    y = np.array([s.seconds for s in samples], dtype=np.float64)  # [n]
+    if x.shape[0] < x.shape[1]:
+        raise ValueError(f"need at least {x.shape[1]} samples to fit {x.shape[1]} coefficients, "
+                         f"got {x.shape[0]}")
+    return [float(w) for w in nnls(x / y[:, None], np.ones_like(y))]
+
+
+def nnls(x: np.ndarray, y: np.ndarray, max_iter: int = 100) -> np.ndarray:
+    """argmin ||x·w − y|| subject to w >= 0 (Lawson–Hanson active set). x: [n, m], y: [n].
+
+    Columns are scaled to unit norm first: the features span ~10 orders of magnitude (c·p
+    reaches 10^7, the constant is 1), which a plain solve would round away.
+    """
+    norms = np.linalg.norm(x, axis=0)  # [m]
+    norms[norms == 0] = 1.0
+    xs = x / norms
+    m = xs.shape[1]
+    w = np.zeros(m)
+    passive = np.zeros(m, dtype=bool)
+    for _ in range(max_iter):
+        gradient = xs.T @ (y - xs @ w)  # [m]: where the residual still points
+        candidates = ~passive & (gradient > 1e-12)
+        if not candidates.any():
+            break
+        passive[np.argmax(np.where(candidates, gradient, -np.inf))] = True
+        while True:
+            trial = np.zeros(m)
+            trial[passive] = np.linalg.lstsq(xs[:, passive], y, rcond=None)[0]
+            if (trial[passive] > 0).all():
+                w = trial
+                break
+            # Step from w towards trial until the first passive coefficient reaches zero.
+            blocking = passive & (trial <= 0)
+            step = np.min(w[blocking] / (w[blocking] - trial[blocking]))
+            w = w + step * (trial - w)
+            passive &= w > 1e-15
+            w[~passive] = 0.0
+    return w / norms
+
+
+# -- JSON -------------------------------------------------------------------------------------
+def _read_json(path: str | Path) -> dict:
+    text = Path(path).read_text()  # a missing file raises FileNotFoundError, naming it
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _write_json(path: str | Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _mapping(data: dict, key: str, source: str) -> dict:
+    value = data[key]
+    if not isinstance(value, dict):
+        raise ValueError(f"{source}: key {key!r} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _numbers(data: dict, keys: Sequence[str], source: str, where: str) -> list[float]:
+    values = []
+    for key in keys:
+        if key not in data:
+            raise ValueError(f"{source}: missing key {where + key!r}")
+        value = data[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{source}: key {where + key!r} must be a finite number, got {value!r}")
+        values.append(value)
+    return values
+
+
+def _construct(cls, source: str, where: str, *values):
+    try:
+        return cls(*values)
+    except ValueError as e:
+        raise ValueError(f"{source}: {where or ''}{e}") from e

@@ -1,0 +1,659 @@
+"""Profile forward passes on this device and fit the batch cost models (issue 7).
+
+    python -m kunserve.profile [--model builtin|llama3-8b|DIR] [--out profile.json]
+                               [--max-context N] [--device auto]
+
+Builds kunserve's own model and paged KV cache (no engine, no scheduler), times real forward
+passes (the engine's eager path: Triton attention on CUDA, the reference attention elsewhere)
+over a randomised grid of batches, fits ``CostModel`` (and its paper form, ``g = 0``) and
+``TokenLinearModel`` on a training split, scores them on the held-out rest, derives MIN
+tokens, and writes
+
+    {cost_model, token_linear, min_tokens, device, model, errors: {...}, samples: n,
+     whole_grid: {...}, by_target: {...}, ...}
+
+which ``kunserve.policy.cost_model.Profile.from_json`` reads back. ``--samples-out`` saves every
+measured batch; ``--refit`` fits saved batches again without measuring.
+
+Timing: every batch is warmed up once, then timed once per pass over ``--repeats`` passes, each
+pass in a fresh random order (host speed drifts over seconds; a batch's repeats should not all
+land in one phase); per batch the median (or ``--statistic min``). Two targets on CUDA: ``wall``
+(until ``torch.cuda.synchronize``) and ``gpu`` (CUDA events behind a GPU sleep that hides the
+host's launches); the top-level models fit ``gpu`` where measured (``--target``).
+
+Fit domain: the top-level models are fitted on batches of >= MIN / 4 tokens
+(``--fit-min-tokens``), where the lookahead batcher uses them; ``whole_grid`` is fitted on all.
+
+The grid (``make_grid``), every batch within ``--max-context`` per request and
+``--max-batch-tokens`` per batch:
+  sweep    prefill of T tokens in sequences of <= 128 (attention negligible), T = 16 .. max
+           on a geometric ladder: the throughput curve MIN tokens is read from;
+  prefill  1-8 fresh prompts;
+  decode   1-``--max-seqs`` one-token chunks over long contexts;
+  mixed    decodes plus 1-3 prefill chunks (some with a prefix);
+  chunked  1-3 chunks of prompts with a large prefix.
+Held-out split: ``--train-fraction`` of each kind trains, the rest scores.
+
+MIN tokens: the smallest sweep size whose throughput (tokens/s) reaches ``--min-fraction``
+(default 90%) of the best sweep throughput, i.e. the smallest micro-batch that still keeps
+the device nearly saturated; below it the lookahead batcher stops splitting.
+
+What is timed: the model's forward plus the logits of every chunk's last row, over inputs
+already built (the host-side input preparation is not included: a pipeline builds it once per
+micro-batch while every stage runs the forward). The KV contents of a batch's prefix are
+whatever the cache holds; attention costs the same for any values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import attrs
+import torch
+
+from kunserve.policy.cost_model import BatchSample, CostModel, TokenLinearModel
+
+log = logging.getLogger("kunserve.profile")
+
+KINDS = ("sweep", "prefill", "decode", "mixed", "chunked")
+_SWEEP_SEQ_TOKENS = 128  # sweep sequences are this short so attention stays a small share
+_GPU_RESERVE_BYTES = 8 << 30  # left free for activations (an 8K-token Llama-8B batch needs < 2 GiB)
+
+
+# -- the grid ---------------------------------------------------------------------------------
+@attrs.frozen
+class GridSpec:
+    """Bounds of the profiled batches, validated once."""
+
+    max_context: int  # tokens of one request after its chunk (prefix + chunk)
+    max_batch_tokens: int  # new tokens of one batch
+    max_seqs: int  # chunks of one batch
+    kv_tokens: int  # Σ context of one batch, rounded up to blocks, must fit the KV cache
+    block_size: int = 16
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("max_context", "max_batch_tokens", "max_seqs", "kv_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_context < 64 or self.max_batch_tokens < 32:
+            raise ValueError(f"need max_context >= 64 and max_batch_tokens >= 32, got "
+                             f"{self.max_context} and {self.max_batch_tokens}")
+        if self.kv_tokens < self.max_context + self.block_size:
+            raise ValueError(f"the KV cache ({self.kv_tokens} tokens) must hold one max_context "
+                             f"({self.max_context}) request")
+
+    def kv_blocks(self, chunks) -> int:
+        return sum(-(-(p + c) // self.block_size) for p, c in chunks)
+
+    def fits(self, chunks) -> bool:
+        return (self.kv_blocks(chunks) * self.block_size <= self.kv_tokens
+                and all(p + c <= self.max_context for p, c in chunks)
+                and sum(c for _, c in chunks) <= self.max_batch_tokens and len(chunks) <= self.max_seqs)
+
+
+def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:
+    lo, hi = max(1, lo), max(1, hi)
+    if hi <= lo:
+        return lo
+    return min(hi, max(lo, round(math.exp(rng.uniform(math.log(lo), math.log(hi))))))
+
+
+def _split_tokens(rng: random.Random, total: int, parts: int, cap: int) -> list[int]:
+    """``parts`` random positive sizes summing to ``total``, each at most ``cap``."""
+    parts = max(1, min(parts, total))
+    cuts = sorted(rng.sample(range(1, total), parts - 1)) if parts > 1 else []
+    sizes = [b - a for a, b in zip([0] + cuts, cuts + [total])]
+    return [min(s, cap) for s in sizes]
+
+
+def sweep_batches(spec: GridSpec) -> list[list[tuple[int, int]]]:
+    """Prefill of T tokens in sequences of <= 128, T on a 1x / 1.5x power-of-two ladder."""
+    sizes, t = [], 16
+    while t <= spec.max_batch_tokens:
+        sizes += [t] + ([t * 3 // 2] if t * 3 // 2 <= spec.max_batch_tokens else [])
+        t *= 2
+    out = []
+    for total in sizes:
+        full, rest = divmod(total, _SWEEP_SEQ_TOKENS)
+        chunks = [(0, _SWEEP_SEQ_TOKENS)] * full + ([(0, rest)] if rest else [])
+        if spec.fits(chunks):
+            out.append(chunks)
+    return out
+
+
+def _prefill(rng: random.Random, spec: GridSpec) -> list[tuple[int, int]]:
+    k = rng.randint(1, min(8, spec.max_seqs))
+    total = _log_uniform(rng, 16 * k, min(spec.max_batch_tokens, k * spec.max_context))
+    return [(0, c) for c in _split_tokens(rng, total, k, spec.max_context)]
+
+
+def _decode(rng: random.Random, spec: GridSpec) -> list[tuple[int, int]]:
+    k = _log_uniform(rng, 1, min(spec.max_seqs, spec.max_batch_tokens))
+    top = spec.max_context - 1
+    if rng.random() < 0.5:  # half the batches: every context in the top 7/8
+        return [(rng.randint(spec.max_context // 8, top), 1) for _ in range(k)]
+    return [(_log_uniform(rng, 16, top), 1) for _ in range(k)]
+
+
+def _mixed(rng: random.Random, spec: GridSpec) -> list[tuple[int, int]]:
+    k = _log_uniform(rng, 1, min(128, spec.max_seqs - 3, spec.max_batch_tokens // 2))
+    chunks = [(_log_uniform(rng, 16, spec.max_context - 1), 1) for _ in range(k)]
+    room = spec.max_batch_tokens - k
+    total = _log_uniform(rng, 16, min(room, 3 * spec.max_context // 2))
+    for c in _split_tokens(rng, total, rng.randint(1, 3), spec.max_context // 2):
+        prefix = 0 if rng.random() < 0.5 else rng.randint(0, spec.max_context - c)
+        chunks.append((prefix, c))
+    return chunks
+
+
+def _chunked(rng: random.Random, spec: GridSpec) -> list[tuple[int, int]]:
+    n = rng.randint(1, 3)
+    out = []
+    for _ in range(n):
+        c = _log_uniform(rng, 16, min(spec.max_batch_tokens // n, spec.max_context // 2))
+        out.append((rng.randint(spec.max_context // 4, spec.max_context - c), c))
+    return out
+
+
+_GENERATORS = {"prefill": _prefill, "decode": _decode, "mixed": _mixed, "chunked": _chunked}
+
+
+def _shrink_to_fit(chunks: list[tuple[int, int]], spec: GridSpec) -> list[tuple[int, int]]:
+    """Drop chunks from the front (decodes come first) until the batch fits the KV cache."""
+    while len(chunks) > 1 and not spec.fits(chunks):
+        chunks = chunks[1:]
+    return chunks
+
+
+def make_grid(spec: GridSpec, num_random: int, seed: int) -> list[tuple[str, list[tuple[int, int]]]]:
+    """(kind, [(prefix, tokens), ...]) for the sweep plus ``num_random`` random batches spread
+    evenly over the other kinds, in a shuffled measuring order (drift hits every kind alike)."""
+    rng = random.Random(seed)
+    grid = [("sweep", chunks) for chunks in sweep_batches(spec)]
+    kinds = list(_GENERATORS)
+    for i in range(num_random):
+        kind = kinds[i % len(kinds)]
+        chunks = _shrink_to_fit(_GENERATORS[kind](rng, spec), spec)
+        if spec.fits(chunks):
+            grid.append((kind, chunks))
+    rng.shuffle(grid)
+    return grid
+
+
+# -- the forward harness ----------------------------------------------------------------------
+class ForwardHarness:
+    """One whole model and a paged KV cache on ``device``; ``prepare(chunks)`` returns a
+    function that runs one forward (+ logits) of that batch."""
+
+    def __init__(self, model_dir: Path, load_format: str, dtype: torch.dtype, device: torch.device,
+                 block_size: int, seed: int = 0):
+        from kunserve.models import ModelConfig, build_model, load_dummy, load_safetensors
+
+        config = attrs.evolve(ModelConfig.from_dir(model_dir), dtype=dtype)
+        with torch.device("meta"):
+            self.model = build_model(config)
+        if load_format == "dummy":
+            load_dummy(self.model, dtype, device, seed=seed)
+        else:
+            load_safetensors(self.model, model_dir, dtype, device)
+        self.model.eval()
+        self.config, self.device, self.block_size = config, device, block_size
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            merge_qkv(self.model)
+        self.kv_cache = None
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        """A KV cache of ``num_blocks`` blocks (sized to the grid's largest batch)."""
+        from kunserve.runtime.kv_cache import PagedKVCache
+
+        cfg = self.config
+        self.kv_cache = None  # free the old one first
+        self.kv_cache = PagedKVCache.allocate(num_blocks, self.model.layer_ids, self.block_size,
+                                              cfg.num_kv_heads, cfg.head_dim, cfg.dtype, self.device)
+
+    def prepare(self, chunks: list[tuple[int, int]]) -> Callable[[], None]:
+        from kunserve.runtime.block_manager import BlockManager
+        from kunserve.runtime.request import Request
+        from kunserve.runtime.scheduler import ScheduledChunk
+        from kunserve.sampling_params import SamplingParams
+
+        manager = BlockManager(self.kv_cache.num_blocks, self.block_size)
+        scheduled = []
+        for i, (prefix, num_tokens) in enumerate(chunks):
+            rid, length = str(i), prefix + num_tokens
+            # One repeated token id: the values do not change the time, building 10^6 ids would.
+            request = Request(rid, [i % self.config.vocab_size] * length, SamplingParams(max_tokens=1),
+                              length + 1)
+            request.num_computed_tokens = prefix
+            manager.allocate(rid, length)
+            scheduled.append(ScheduledChunk(request, num_tokens))
+        return self._gpu_step(scheduled, manager) if self.cuda else self._cpu_step(scheduled, manager)
+
+    def _cpu_step(self, scheduled, manager) -> Callable[[], None]:
+        from kunserve.runtime.model_runner import prepare_inputs
+        from kunserve.runtime.scheduler import SchedulerOutput
+
+        inputs = prepare_inputs(SchedulerOutput(tuple(scheduled)), manager, self.device)
+        caches = self.kv_cache.by_layer()
+
+        @torch.inference_mode()
+        def run() -> None:
+            hidden = self.model(inputs.input_ids, inputs.positions, caches, inputs.meta)  # [T, hidden]
+            self.model.compute_logits(hidden[inputs.logits_indices])  # [k, vocab]
+        return run
+
+    def _gpu_step(self, scheduled, manager) -> Callable[[], None]:
+        """The engine's eager CUDA step (``CudaPath._eager_logits``) without the host part."""
+        from kunserve.runtime import gpu_inputs, triton_attention
+
+        cfg = self.config
+        step = gpu_inputs.HostStep.build(scheduled, manager)
+        num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        splits = triton_attention.decode_splits(step.num_seqs, cfg.num_kv_heads,
+                                                int(step.context_lens.max()), num_sms)
+        query_tile = triton_attention.query_tile_for(cfg.num_heads, cfg.num_kv_heads)
+        dev = gpu_inputs.upload(step, self.device, self.block_size, query_tile, splits)
+        caches = self.kv_cache.by_layer()
+
+        @torch.inference_mode()
+        def run() -> None:
+            hidden = self.model(dev.ids, dev.positions, caches, dev.meta)  # [T, hidden]
+            self.model.compute_logits(hidden[dev.logits_rows])  # [k, vocab]
+        return run
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def wall_seconds(self, run: Callable[[], None]) -> tuple[float, float]:
+        """(seconds until the forward has finished, seconds the host spent enqueuing it)."""
+        self.sync()
+        start = time.perf_counter()
+        run()
+        enqueued = time.perf_counter() - start
+        self.sync()
+        return time.perf_counter() - start, enqueued
+
+    def calibrate_sleep(self) -> None:
+        """GPU sleep cycles per second, for ``device_seconds`` (call with the GPU warm)."""
+        cycles = 50_000_000
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        self.sleep_cycles_per_s = cycles / (begin.elapsed_time(end) / 1e3)
+
+    def device_seconds(self, run: Callable[[], None], enqueue_s: float) -> float | None:
+        """Seconds the GPU spends on one forward with the host's launch overhead hidden: the
+        GPU first sleeps longer than the host takes to enqueue the forward, so the forward's
+        kernels run back to back. None if the host never got ahead (three tries)."""
+        for attempt in range(3):
+            sleep_s = min(max(2 * enqueue_s, 2e-3) * 2**attempt, 0.5)
+            asleep, begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            self.sync()
+            asleep.record()
+            torch.cuda._sleep(int(sleep_s * self.sleep_cycles_per_s))
+            begin.record()
+            start = time.perf_counter()
+            run()
+            enqueue_s = time.perf_counter() - start
+            end.record()
+            end.synchronize()
+            if enqueue_s < 0.9 * asleep.elapsed_time(begin) / 1e3:  # enqueued before the GPU woke
+                return begin.elapsed_time(end) / 1e3
+        return None
+
+
+def merge_qkv(model) -> None:
+    """One q/k/v GEMM per layer, as the engine runs on CUDA when its allocator placed the three
+    weights back to back (``model_runner.merge_qkv_weights``); layers with biases keep three."""
+    for layer in model.model.layers.values():
+        attn = layer.self_attn
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if any(p.bias is not None for p in projections):
+            continue
+        merged = torch.cat([p.weight for p in projections])  # [q + 2 kv rows, hidden]
+        start = 0
+        for p in projections:
+            rows = p.weight.shape[0]
+            p.weight = torch.nn.Parameter(merged[start:start + rows], requires_grad=False)
+            start += rows
+        attn.qkv_weight = merged
+
+
+# -- fitting and reporting --------------------------------------------------------------------
+def split_samples(samples: list[BatchSample], train_fraction: float, seed: int):
+    """(train, held_out): ``train_fraction`` of each kind (at least one each side if possible)."""
+    rng = random.Random(seed + 1)
+    train, held = [], []
+    for kind in KINDS:
+        group = [s for s in samples if s.kind == kind]
+        rng.shuffle(group)
+        n = round(len(group) * train_fraction)
+        if len(group) >= 2:
+            n = min(max(n, 1), len(group) - 1)
+        train += group[:n]
+        held += group[n:]
+    return train, held
+
+
+def min_tokens_from_sweep(samples: list[BatchSample], fraction: float) -> int:
+    """The smallest sweep size whose throughput reaches ``fraction`` of the best one's."""
+    sweep = sorted((s.num_tokens, s.num_tokens / s.seconds) for s in samples if s.kind == "sweep")
+    if not sweep:
+        raise ValueError("no sweep samples were measured; MIN tokens cannot be derived")
+    best = max(rate for _, rate in sweep)
+    return next(tokens for tokens, rate in sweep if rate >= fraction * best)
+
+
+def score(models: dict, samples: list[BatchSample]) -> dict:
+    out = {name: m.mean_relative_error(samples) for name, m in models.items()} if samples else {}
+    out["n"] = len(samples)
+    return out
+
+
+def fit_models(train: list[BatchSample]) -> dict:
+    return {"cost_model": CostModel.fit(train), "cost_model_paper": CostModel.fit(train, prefix_read=False),
+            "token_linear": TokenLinearModel.fit(train)}
+
+
+def fit_report(samples: list[BatchSample], train_fraction: float, min_fraction: float, seed: int,
+               fit_min_tokens: int | None = None) -> dict:
+    """Fit on the training split's batches of >= ``fit_min_tokens`` tokens (default MIN / 4)
+    and score on held-out subsets; ``whole_grid`` repeats it fitted on every batch.
+
+    Why a lower bound: below a few hundred tokens a forward is bound by reading the weights
+    (and, on the wall clock, by launching the kernels): its time is flat in the batch's shape,
+    a roofline knee that no additive per-chunk model follows, and those batches would pull the
+    per-token slope down by half. The lookahead batcher forms micro-batches of >= MIN tokens
+    (smaller only when the whole queue is), so the model it loads is fitted where it is used;
+    MIN / 4 leaves a margin and twice the batches of fitting at MIN.
+    """
+    train, held = split_samples(samples, train_fraction, seed)
+    min_tokens = min_tokens_from_sweep(samples, min_fraction)
+    fit_min = max(1, min_tokens // 4) if fit_min_tokens is None else fit_min_tokens
+
+    def report(lower: int) -> dict:
+        in_range = [s for s in train if s.num_tokens >= lower]
+        models = fit_models(in_range)
+        errors = {
+            "held_out": score(models, held),
+            f"held_out_at_least_{lower}_tokens": score(models, [s for s in held if s.num_tokens >= lower]),
+            "held_out_at_least_min_tokens": score(models, [s for s in held if s.num_tokens >= min_tokens]),
+            "held_out_by_kind": {k: score(models, [s for s in held if s.kind == k]) for k in KINDS},
+            "train": score(models, in_range),
+        }
+        return {**{name: m.to_dict() for name, m in models.items()}, "fit_min_tokens": lower,
+                "train_samples": len(in_range), "errors": errors}
+
+    return {**report(fit_min), "whole_grid": report(1), "min_tokens": min_tokens, "samples": len(samples),
+            "held_out_samples": len(held)}
+
+
+# -- CLI --------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kunserve.profile", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="builtin",
+                   help="'builtin' (the tiny generated Llama), a built-in shape such as 'llama3-8b' "
+                        "(dummy weights), or a checkpoint directory")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--out", default="profile.json")
+    p.add_argument("--samples-out", default=None, help="also write every measured batch here")
+    p.add_argument("--refit", default=None, metavar="SAMPLES",
+                   help="measure nothing: fit and score the batches saved by --samples-out")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens per request (default 8192 on CUDA, 1024 elsewhere; capped by the model)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="new tokens per batch (default 8192 on CUDA, 1024 elsewhere)")
+    p.add_argument("--max-seqs", type=int, default=256)
+    p.add_argument("--num-batches", type=int, default=None,
+                   help="random batches besides the sweep (default 320 on CUDA, 120 elsewhere)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--statistic", default="median", choices=["median", "min"],
+                   help="per batch; 'min' resists other processes sharing the CPU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--target", default="auto", choices=["auto", "wall", "gpu"],
+                   help="which timing the top-level models fit (auto: gpu where measured, else wall)")
+    p.add_argument("--train-fraction", type=float, default=0.7)
+    p.add_argument("--min-fraction", type=float, default=0.9)
+    p.add_argument("--fit-min-tokens", type=int, default=None,
+                   help="fit on batches of at least this many tokens (default: MIN tokens / 4; 1 = all)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-gib", type=float, default=None,
+                   help="KV cache ceiling (default: CUDA free memory less 8 GiB; 1 GiB elsewhere)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop measuring after this many seconds and fit what was measured")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("max_seqs", "num_batches", "repeats", "block_size", "fit_min_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if not 0 < args.train_fraction < 1 or not 0 < args.min_fraction <= 1:
+        p.error("--train-fraction must be in (0, 1) and --min-fraction in (0, 1]")
+    return args
+
+
+def resolve_model(args: argparse.Namespace, max_context: int, scratch: Path) -> tuple[Path, str, str]:
+    """(directory, load format, display name) for ``--model``; generated ones go in ``scratch``."""
+    from kunserve.bench._model_configs import MODEL_CONFIGS, write_model_config
+
+    if args.model == "builtin":
+        from kunserve.models.tiny import make_tiny_checkpoint
+
+        # Positions up to max_context: the tiny default (512) would cap the profiled contexts.
+        path = make_tiny_checkpoint(scratch / "tiny", with_tokenizer=False,
+                                    max_position_embeddings=max(512, max_context))
+        return path, "auto", "builtin-tiny-llama"
+    if args.model in MODEL_CONFIGS:
+        return write_model_config(args.model, scratch / args.model), "dummy", args.model
+    return Path(args.model), args.load_format, args.model
+
+
+def _kv_token_budget(args, device: torch.device, kv_bytes_per_token: int) -> int:
+    if args.kv_gib is not None:
+        budget = int(args.kv_gib * (1 << 30))
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free - _GPU_RESERVE_BYTES
+    else:
+        budget = 1 << 30
+    return budget // kv_bytes_per_token
+
+
+TARGETS = {"wall": "seconds", "gpu": "gpu_seconds"}  # what a model is fitted to -> sample field
+
+
+def samples_for(target: str, saved: list[dict]) -> list[BatchSample]:
+    """The saved batches as ``BatchSample`` s timed by ``target`` (those that have that time)."""
+    field = TARGETS[target]
+    return [BatchSample.from_dict({**d, "seconds": d[field]}) for d in saved if d.get(field) is not None]
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure (or, with ``--refit``, load) batches, fit and score per target, write ``--out``.
+
+    Targets: ``wall`` is the eager step's wall clock; ``gpu`` (CUDA only) is device time with
+    the launch overhead hidden. The top-level models are the ``--target`` one's (default: gpu
+    where measured, since the eager path's host floor is not a property of the batch).
+    """
+    if args.refit:
+        saved = json.loads(Path(args.refit).read_text())
+        batches, meta = saved["samples"], saved["meta"]
+    else:
+        batches, meta = measure_device(args)
+        if args.samples_out:
+            Path(args.samples_out).write_text(json.dumps({"meta": meta, "samples": batches}) + "\n")
+    reports = {t: fit_report(samples_for(t, batches), args.train_fraction, args.min_fraction, args.seed,
+                             args.fit_min_tokens)
+               for t in TARGETS if len(samples_for(t, batches)) >= 12}
+    target = args.target if args.target != "auto" else ("gpu" if "gpu" in reports else "wall")
+    if target not in reports:
+        raise SystemExit(f"no {target!r} timings to fit (measured: {sorted(reports)})")
+    result = {
+        **reports[target], "target": target, **meta, "by_target": reports,
+        "min_tokens_rule": f"smallest sweep batch reaching {args.min_fraction:.0%} of the best sweep throughput",
+        "split": {"train_fraction": args.train_fraction, "seed": args.seed, "stratified_by": "kind"},
+    }
+    if args.refit:
+        result["refit_from"] = Path(args.refit).name
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def measure_device(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Build the harness, time the grid; (batches as dicts, what was measured where)."""
+    from kunserve.models import ModelConfig
+    from kunserve.runtime.engine import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    max_context = args.max_context or (8192 if cuda else 1024)
+    build_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kunserve-profile-") as scratch:  # only until loaded
+        model_dir, load_format, name = resolve_model(args, max_context, Path(scratch))
+        config = ModelConfig.from_dir(model_dir)
+        dtype = resolve_dtype(args.dtype, config.dtype, device)
+        harness = ForwardHarness(model_dir, load_format, dtype, device, args.block_size, seed=args.seed)
+    if max_context > config.max_position_embeddings:
+        log.warning("max context %d exceeds the model's %d positions; using %d", max_context,
+                    config.max_position_embeddings, config.max_position_embeddings)
+        max_context = config.max_position_embeddings
+    kv_per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * dtype.itemsize
+    # The KV budget is read after the weights are on the device: it is what is left beside them.
+    spec = GridSpec(max_context, args.max_batch_tokens or (8192 if cuda else 1024), args.max_seqs,
+                    _kv_token_budget(args, device, kv_per_token), args.block_size)
+    grid = make_grid(spec, args.num_batches or (320 if cuda else 120), args.seed)
+    num_blocks = max(spec.kv_blocks(chunks) for _, chunks in grid)
+    harness.allocate_kv(num_blocks)
+    build_s = time.perf_counter() - build_start
+    log.info("%s on %s (%s): %d batches, KV cache %d blocks (%.2f GiB)", name, device, dtype, len(grid),
+             num_blocks, num_blocks * args.block_size * kv_per_token / 2**30)
+    measure_start = time.perf_counter()
+    measured = measure(harness, grid, args.repeats, args.warmup, args.time_limit, args.seed)
+    batches = [m.to_dict(args.statistic) for m in measured]
+    meta = {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "model": name,
+        "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "grid": {"max_context": spec.max_context, "max_batch_tokens": spec.max_batch_tokens,
+                 "max_seqs": spec.max_seqs, "kv_blocks": num_blocks, "planned": len(grid),
+                 "measured": len(batches), "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed},
+        "timing": f"per batch, the {args.statistic} over {args.repeats} passes (each pass in a fresh random "
+                  f"order) of forward + logits, eager, inputs prepared outside the timed region; wall = "
+                  f"until synchronized, gpu = CUDA events after a GPU sleep that hides the host's launches",
+        "threads": torch.get_num_threads(),
+        # (max - min) / median of a batch's wall times: the noise floor any model's error sits on
+        "wall_spread_median": statistics.median(b["spread"] for b in batches) if batches else None,
+        "gpu_missing": sum(1 for b in batches if cuda and b["gpu_seconds"] is None),
+        "build_s": build_s, "measure_s": time.perf_counter() - measure_start,
+    }
+    return batches, meta
+
+
+@attrs.frozen
+class Measured:
+    """One batch's timings over the passes: wall clock (the eager step as the engine runs it)
+    and, on CUDA, device time with the launch overhead hidden."""
+
+    kind: str
+    chunks: tuple[tuple[int, int], ...]
+    wall: tuple[float, ...]
+    device: tuple[float, ...] = ()
+
+    def to_dict(self, statistic: str) -> dict:
+        pick = statistics.median if statistic == "median" else min
+        return {"kind": self.kind, "chunks": [list(c) for c in self.chunks], "seconds": pick(self.wall),
+                "gpu_seconds": pick(self.device) if self.device else None,
+                "spread": (max(self.wall) - min(self.wall)) / statistics.median(self.wall)}
+
+
+def measure(harness: ForwardHarness, grid, repeats: int, warmup: int, time_limit: float | None,
+            seed: int = 0) -> list[Measured]:
+    """Warm every batch up once (compiling what it needs), then time each batch once per pass,
+    ``repeats`` passes, each in a fresh random order: the host's speed drifts over seconds
+    (seen on the lent H100: 12 to 27 ms for the same small batch in different phases), and
+    spreading a batch's repeats over the whole run keeps one slow phase from biasing it."""
+    start = time.perf_counter()
+    # On CUDA a timed pass costs ~2.5 warm-ups (the wall run, the GPU sleep, the device run).
+    passes_cost = 1 + repeats * (2.5 if harness.cuda else 1.0)
+    prepared = []
+    for i, (kind, chunks) in enumerate(grid):
+        if time_limit is not None and (time.perf_counter() - start) * passes_cost > time_limit:
+            log.warning("time limit: measuring %d of %d batches", i, len(grid))
+            break
+        run = harness.prepare(chunks)
+        for _ in range(warmup):
+            run()
+        harness.sync()
+        prepared.append((kind, chunks, run))
+    if harness.cuda:
+        harness.calibrate_sleep()
+    walls = [[] for _ in prepared]
+    devices = [[] for _ in prepared]
+    rng = random.Random(seed + 2)
+    for r in range(repeats):
+        order = list(range(len(prepared)))
+        rng.shuffle(order)
+        for i in order:
+            run = prepared[i][2]
+            wall, enqueued = harness.wall_seconds(run)
+            walls[i].append(wall)
+            if harness.cuda and (device := harness.device_seconds(run, enqueued)) is not None:
+                devices[i].append(device)
+        log.info("pass %d / %d done (%.0f s)", r + 1, repeats, time.perf_counter() - start)
+    return [Measured(kind, tuple(chunks), tuple(w), tuple(d))
+            for (kind, chunks, _), w, d in zip(prepared, walls, devices)]
+
+
+def print_summary(result: dict) -> None:
+    print(f"profile: {result['model']} on {result['device']} ({result['dtype']}), target {result['target']}, "
+          f"{result['samples']} batches ({result['held_out_samples']} held out), MIN tokens {result['min_tokens']}")
+    for title, part in (("fitted on batches >= {} tokens", result), ("fitted on every batch ({})", result["whole_grid"])):
+        e, lower = part["errors"], part["fit_min_tokens"]
+        print(f"  {title.format(lower)}: {part['train_samples']} training batches")
+        rows = [("held out, all", e["held_out"])]
+        if lower > 1:
+            rows.append((f"held out, >= {lower} tokens", e[f"held_out_at_least_{lower}_tokens"]))
+        rows.append(("held out, >= MIN tokens", e["held_out_at_least_min_tokens"]))
+        rows += [(f"  all held out: {k}", v) for k, v in e["held_out_by_kind"].items()]
+        print(f"    {'mean relative error':<28}  cost model  paper form  token-linear     n")
+        for label, v in rows:
+            if v["n"]:
+                print(f"    {label:<28}  {v['cost_model']:>10.1%}  {v['cost_model_paper']:>10.1%}  "
+                      f"{v['token_linear']:>12.1%}  {v['n']:>4}")
+        m = part["cost_model"]
+        print(f"    cost model: a={m['a']:.3e} b={m['b']:.3e} f={m['f']:.3e} d={m['d']:.3e} "
+              f"lambda={m['lambda']:.3e} g={m['g']:.3e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    result = run(args)
+    print_summary(result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
