@@ -124,3 +124,25 @@ def test_demo_end_to_end(tmp_path):
     assert "kunserve dropped weights" in proc.stdout
     for name in ("timeline.png", "latency_cdf.png", "slo.png", "compare.json", "table.txt"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_vllm_pp_gets_the_kv_its_halved_weights_leave(llama_dir):
+    """Same memory per rank: whole-model weights + 16 full blocks == stage weights + N stage blocks."""
+    import torch
+
+    from kunserve.models import ModelConfig, build_model
+    from kunserve.runtime.kv_cache import kv_block_bytes
+
+    cfg = ModelConfig.from_dir(llama_dir)
+    size = lambda r=None: sum(p.numel() for p in build_model(cfg, r).parameters()) * cfg.dtype.itemsize  # noqa: E731
+    with torch.device("meta"):
+        full, first, second = size(), size((0, 2)), size((2, 4))
+    full_block = kv_block_bytes(4, 4, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
+    budget = full + 16 * full_block
+    blocks = compare.pipeline_kv_blocks(llama_dir, 16, 4)
+    stage_block = full_block // 2
+    assert max(first, second) + blocks * stage_block <= budget < max(first, second) + (blocks + 1) * stage_block
+    assert blocks > 2 * 16  # the freed half of the weights is KV now
+    args = compare.parse_args(["--num-kv-blocks", "16"])
+    pool = lambda policy: compare.serve_args(args, policy, llama_dir)[compare.serve_args(args, policy, llama_dir).index("--num-kv-blocks") + 1]  # noqa: E731
+    assert pool("vllm") == pool("kunserve") == "16" and pool("vllm-pp") == str(blocks)

@@ -71,3 +71,17 @@ def test_burst_drops_then_load_falls_and_restores_token_exact(llama_dir, referen
     assert after["kunserve_restore_bytes_total"] > 0  # weights (and any KV) came back from the peers
     assert "left group" in out  # members pulled weights back and served alone again
     assert_clean_exit(code, [p for p in children if p.is_running() and p.status() != "zombie"], out, nproc)
+
+
+def test_vllm_policy_under_the_same_burst_recomputes_token_exact(llama_dir, reference):
+    """The baseline on the identical burst: no drop, recompute preemptions, same outputs."""
+    args = [("vllm" if a == "kunserve" else a) for a in SERVE_ARGS]
+    cluster = LocalCluster(llama_dir, 2, args, served_model_name="tiny")
+    try:
+        outputs = asyncio.run(burst(cluster.base_url))
+        metrics = metric_values(httpx.get(f"{cluster.base_url}/metrics").text)
+    finally:
+        cluster.stop()
+    assert [o["choices"][0]["text"] for o in outputs] == reference
+    assert sum(v for k, v in metrics.items() if k.startswith("kunserve_preemptions_total")) > 0
+    assert "kunserve_drops_total" not in metrics

@@ -55,7 +55,8 @@ def sample_from_metrics(t: float, metrics: dict[str, dict[str, float]]) -> dict:
                 "swapped_out_bytes_total"):
         for labels, value in metrics.get(key, {}).items():
             per_instance.setdefault(_instance(labels), {})[key] = value
-    scalar = {k: sum(metrics.get(k, {}).values()) for k in ("drops_total", "restores_total")}
+    scalar = {k: sum(metrics.get(k, {}).values())
+              for k in ("drops_total", "restores_total", "migrations_completed_total")}
     return {"t": t, "instances": per_instance, **scalar}
 
 
@@ -150,10 +151,37 @@ async def _load_with_progress(base_url: str, model: str, items: list[WorkItem], 
         return [t.result() for t in tasks], time.perf_counter() - start
 
 
-def serve_args(args, policy: str) -> list[str]:
+def pipeline_kv_blocks(model_dir: Path, num_kv_blocks: int, block_size: int, stages: int = 2) -> int:
+    """KV blocks per rank of a static ``stages``-stage pipeline given the same memory per rank as
+    a whole-model instance with ``num_kv_blocks``: a stage holds a slice of the weights, so the
+    rest of the rank's memory is KV, in blocks of the stage's layers (the paper's vLLM-PP
+    baseline: half the weights per GPU, more KV). The smallest stage decides (one pool size)."""
+    import torch
+
+    from kunserve.models import ModelConfig, build_model
+    from kunserve.policy.drop import balanced_cuts
+    from kunserve.runtime.kv_cache import kv_block_bytes
+
+    cfg = ModelConfig.from_dir(model_dir)
+    itemsize = cfg.dtype.itemsize
+
+    def weight_bytes(layer_range=None) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in build_model(cfg, layer_range).parameters()) * itemsize
+
+    def block_bytes(num_layers: int) -> int:
+        return kv_block_bytes(num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
+
+    budget = weight_bytes() + num_kv_blocks * block_bytes(cfg.num_layers)
+    return min((budget - weight_bytes((a, b))) // block_bytes(b - a) for a, b in balanced_cuts(cfg.num_layers, stages))
+
+
+def serve_args(args, policy: str, model_dir: Path | None = None) -> list[str]:
     out = ["--policy", policy, "--block-size", str(args.block_size), "--max-model-len", str(args.max_model_len),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    if args.num_kv_blocks:
+    if args.num_kv_blocks and policy == "vllm-pp" and model_dir is not None:
+        out += ["--num-kv-blocks", str(pipeline_kv_blocks(model_dir, args.num_kv_blocks, args.block_size))]
+    elif args.num_kv_blocks:
         out += ["--num-kv-blocks", str(args.num_kv_blocks)]
     if policy == "kunserve":
         out += ["--restore-hold-s", str(args.restore_hold_s)]
@@ -169,7 +197,7 @@ def run_policy(args, model_dir: Path, policy: str, workload_for) -> dict:
 
     from kunserve.bench._launch import LocalCluster
 
-    cluster = LocalCluster(model_dir, args.ranks, serve_args(args, policy), served_model_name="model",
+    cluster = LocalCluster(model_dir, args.ranks, serve_args(args, policy, model_dir), served_model_name="model",
                            log_level="WARNING")
     try:
         poller = MetricsPoller(cluster.base_url, args.poll_s)
@@ -191,19 +219,22 @@ def summarize_policy(result: dict) -> dict:
     return {**metrics, "drops": len(counter_events(samples, "drops_total")),
             "restores": len(counter_events(samples, "restores_total")),
             "preemptions": total_preemptions(samples),
-            "swapped_out_bytes": total_preemptions(samples, "swapped_out_bytes_total")}
+            "swapped_out_bytes": total_preemptions(samples, "swapped_out_bytes_total"),
+            "migrations": len(counter_events(samples, "migrations_completed_total"))}
 
 
 def format_table(summary: dict[str, dict], sweep: dict) -> str:
     ms = lambda v: f"{v * 1e3:8.1f}"  # noqa: E731
     head = (f"{'policy':>9} {'TTFT mean':>9} {'p50':>8} {'p90':>8} {'p99':>8} {'TPOT p50':>8} {'p99':>8} "
-            f"{'E2EL p50':>8} {'p99':>8} {'req/s':>6} {'drops':>5} {'restores':>8} {'preempt':>7}")
+            f"{'E2EL p50':>8} {'p99':>8} {'req/s':>6} {'drops':>5} {'restores':>8} {'preempt':>7} "
+            f"{'swap MB':>7} {'migr':>4}")
     lines = ["latencies in ms", head]
     for p, m in summary.items():
         t, o, e = m["ttft_s"], m["tpot_s"], m["e2el_s"]
         lines.append(f"{p:>9} {t['mean'] * 1e3:9.1f} {ms(t['median'])} {ms(t['p90'])} {ms(t['p99'])} "
                      f"{ms(o['median'])} {ms(o['p99'])} {ms(e['median'])} {ms(e['p99'])} "
-                     f"{m['request_throughput']:6.2f} {m['drops']:5d} {m['restores']:8d} {m['preemptions']:7d}")
+                     f"{m['request_throughput']:6.2f} {m['drops']:5d} {m['restores']:8d} {m['preemptions']:7d} "
+                     f"{m.get('swapped_out_bytes', 0) / 2**20:7.1f} {m.get('migrations', 0):4d}")
     lines.append(f"\nSLO scale N = N x best P50 TTFT ({sweep['base_ttft_s'] * 1e3:.1f} ms) and TPOT "
                  f"({sweep['base_tpot_s'] * 1e3:.1f} ms): violation rate / goodput (req/s)")
     lines.append(f"{'scale':>5} " + " ".join(f"{p:>18}" for p in sweep["policies"]))
