@@ -67,7 +67,7 @@ kunserve_restores_total 0
 
 def test_metrics_sample_and_counters():
     s = compare.sample_from_metrics(1.5, compare.parse_prometheus(METRICS_TEXT))
-    assert s == {"t": 1.5, "drops_total": 1.0, "restores_total": 0.0, "instances": {
+    assert s == {"t": 1.5, "drops_total": 1.0, "restores_total": 0.0, "migrations_completed_total": 0.0, "instances": {
         "0": {"kv_cache_total_blocks": 16.0, "memory_demand_blocks": 20.0, "preemptions_total": 2.0},
         "1": {"kv_cache_total_blocks": 16.0, "memory_demand_blocks": 4.0}}}
     samples = _timeline()

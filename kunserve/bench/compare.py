@@ -96,9 +96,10 @@ def counter_events(samples: list[dict], key: str) -> list[float]:
     """Times at which a counter went up (one entry per increment seen)."""
     events, last = [], 0.0
     for s in samples:
-        if s[key] > last:
-            events.extend([s["t"]] * int(s[key] - last))
-        last = max(last, s[key])
+        value = s.get(key, 0.0)  # older samples (and other policies) may lack a counter
+        if value > last:
+            events.extend([s["t"]] * int(value - last))
+        last = max(last, value)
     return events
 
 
