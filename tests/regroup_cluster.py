@@ -40,12 +40,14 @@ class ScriptedDrop(DropController):
         return []
 
     def plan_restore(self, snapshot):
-        if self.step >= SPLIT_AT and any(len(o.ranks) == 4 for o, _ in self.groups.values()):
-            leader = next(iter(self.groups))
-            if not snapshot.by_id(leader).exchanging:
-                order = self.groups[leader][0]
-                return [SplitOrder(order.ranks, order.slices)]
-        return []
+        """The 4-group restores once the script says so: pull its weights back, then split."""
+        four = [leader for leader, (order, _) in self.groups.items() if len(order.ranks) == 4]
+        if self.step < SPLIT_AT or not four or snapshot.by_id(four[0]).exchanging:
+            return []
+        order = self.groups[four[0]][0]
+        phase = "split" if four[0] in self.restoring else "pull"
+        self.restoring.add(four[0])
+        return [SplitOrder(order.ranks, order.slices, phase)]
 
 
 def main() -> None:

@@ -44,8 +44,12 @@ def test_restore_waits_for_the_exchange_and_forgets_the_group():
     # the group (0, 1) uses 2 blocks, well under half of the 2 x 10 blocks its members held alone
     assert drop.plan_restore(snapshot(0, ids=(0, 2, 3), free=8)) == []  # exchanging: no split yet
     assert drop.plan_restore(snapshot(ids=(0, 2, 3), free=0)) == []  # 10 used: not under half
+    [pull] = drop.plan_restore(snapshot(ids=(0, 2, 3), free=8))
+    assert (pull.ranks, pull.phase) == (order.ranks, "pull")  # weights come back while it serves
+    assert [g.members for g in drop.current_groups(snapshot(ids=(0, 2, 3)))] == [(2,), (3,)]  # not re-merged
+    assert drop.plan_restore(snapshot(0, ids=(0, 2, 3), free=8)) == []  # still pulling
     [split] = drop.plan_restore(snapshot(ids=(0, 2, 3), free=8))
-    assert split.ranks == order.ranks
+    assert (split.ranks, split.phase) == (order.ranks, "split")
     drop.restored(split)
     assert drop.groups == {} and drop.freed == {} and drop.metrics()["restores_total"] == 1
 

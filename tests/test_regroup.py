@@ -55,5 +55,8 @@ def test_pairs_merge_then_merge_again_then_split_token_exact(llama_dir, referenc
     assert len(rounds) == 3 and min(rounds) > 1
     assert metrics["exchanged_requests_total"] > 0 and metrics["exchange_overlapped_requests_total"] > 0
     assert metrics["kv_bytes_exchanged_total"] > 0 and metrics["exchange_stall_seconds_max"] > 0
+    # the restore's pull phase: each member took its 3 dropped layers (+ embed/head) back in rounds
+    pulled = [int(n) for n in re.findall(r"pulled its dropped weights back in (\d+) rounds while serving", log)]
+    assert len(pulled) == 4 and min(pulled) >= 3
     assert log.count("left group (0, 2, 1, 3)") == 4  # every member serves alone again
     assert metrics["restore_bytes_total"] > 0

@@ -163,6 +163,19 @@ def test_restore_is_lifo_for_differently_sized_layers(backend):
     mem.close()
 
 
+def test_restore_order_takes_units_back_one_at_a_time(backend):
+    g = backend.granularity
+    mem = make_mem(backend, extra={"embed": 3 * g})
+    mem.drop(["embed", "layers.1"])
+    mem.drop(["layers.0"])
+    order = mem.restore_order(["embed", "layers.0", "layers.1"])
+    assert order[0] in ("layers.0", "layers.1") and order[-1] == "embed"  # sizes match the tail top down
+    for key in order:
+        mem.restore([key])  # each one alone: never the LIFO error
+    assert mem.dropped == []
+    mem.close()
+
+
 def test_multi_chunk_layers_drop_and_restore(backend):
     g = backend.granularity
     mem = make_mem(backend, max_layer_chunk_bytes=g)  # each layer: 2 chunks of 1 granule

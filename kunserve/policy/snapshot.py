@@ -28,7 +28,7 @@ class InstanceSnapshot:
     num_recompute_fallbacks: int = 0  # victims recomputed because the swap space was full
     swapped_out_bytes: int = 0
     swapped_in_bytes: int = 0
-    exchanging: bool = False  # a pipeline group still moving KV after a merge: not regrouped again yet
+    exchanging: bool = False  # a group still moving KV after a merge or weights before a split: no new order
 
     @property
     def used_blocks(self) -> int:

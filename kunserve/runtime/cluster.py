@@ -31,6 +31,7 @@ from kunserve.runtime.migration import (MigrationCommand, MigrationCoordinator, 
 from kunserve.runtime.pipeline import PipelineRunner, StageWorker, StepTiming
 from kunserve.runtime.regroup import MergeOrder, MergeStats, SplitOrder, merge_into_group, split_group
 from kunserve.runtime.transport import recv_object, send_object
+from kunserve.runtime.weight_restore import begin_pull
 from kunserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class StepReport:
     assignment: dict[str, int] | None = None  # after a split: request id -> rank that owns it
     exchange: ExchangeProgress | None = None  # this rank's share of a running KV exchange
     pipeline: tuple[StepTiming, ...] = ()  # a pipeline leader's step timings (bubble measurement)
+    restore_bytes: int = 0  # weights this rank sent to a peer in this step's restore round
     migration: MigrationReport | None = None  # llumnix: migration candidates and outcomes
 
 
@@ -88,6 +90,8 @@ def handle_command(state: RankState, command: StepCommand, group) -> StepReport:
             for r in command.new:
                 engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.arrival_time)
             outputs += [o for o in map(engine.abort_request, command.aborts) if o is not None]
+        if command.split is not None and command.split.phase == "pull":
+            return _begin_pull(state, command.split, group, outputs)
         if command.split is not None:
             return attrs.evolve(_split(state, command.split, group), outputs=tuple(outputs))
         if command.merge is not None:  # singles, leaders and stage members alike
@@ -95,7 +99,7 @@ def handle_command(state: RankState, command: StepCommand, group) -> StepReport:
         if state.stage is not None:
             if not command.shutdown:
                 state.stage.step()
-            return StepReport((), None, **_exchange_progress(state.stage.exchange))
+            return StepReport((), None, **_exchange_progress(state.stage.exchange), **_restore_progress(state.stage))
         migration = run_migrations(state, command.migration, group)  # llumnix: copy KV before the step
         if command.shutdown:
             outputs += [engine.abort_request(rid) for rid in list(engine.requests)]
@@ -114,7 +118,13 @@ def _leader_reports(runner) -> dict:
     """StepReport fields a pipeline leader adds: its exchange progress and step timings."""
     if not isinstance(runner, PipelineRunner):
         return {}
-    return _exchange_progress(runner.exchange) | {"pipeline": tuple(runner.take_timings())}
+    return _exchange_progress(runner.exchange) | _restore_progress(runner) | {"pipeline": tuple(runner.take_timings())}
+
+
+def _restore_progress(runner) -> dict:
+    """Weight bytes this rank sent in this step's restore round (none outside a restore)."""
+    sent = 0 if runner.restore is None else runner.restore.take_bytes_sent()
+    return {"restore_bytes": sent} if sent else {}
 
 
 def _exchange_progress(exchange) -> dict:
@@ -131,8 +141,18 @@ def _merge(state: RankState, order: MergeOrder, group, outputs: list) -> StepRep
     return StepReport(tuple(outputs), snapshot, merge=stats)
 
 
+def _begin_pull(state: RankState, order: SplitOrder, group, outputs: list) -> StepReport:
+    """The restore's first phase starts: weights come back in rounds while the group serves."""
+    engine = state.engine
+    runner = state.stage if state.stage is not None else engine.runner
+    runner.restore = begin_pull(engine, order.ranks, order.slices, state.rank, group)
+    snapshot = engine.snapshot(state.instance_id) if state.stage is None else None
+    return StepReport(tuple(outputs), snapshot)
+
+
 def _split(state: RankState, order: SplitOrder, group) -> StepReport:
-    assignment, stats = split_group(state.engine, order, state.rank, group)
+    runner = state.stage if state.stage is not None else state.engine.runner
+    assignment, stats = split_group(state.engine, order, state.rank, group, runner.restore.received)
     state.stage, state.always_step, state.instance_id = None, False, state.rank
     return StepReport((), state.engine.snapshot(state.instance_id), merge=stats, assignment=assignment)
 
@@ -272,11 +292,12 @@ class ClusterDriver:
             self.migration.after_step(self, reports)
         if self.drop is not None:
             self.drop.record_exchange([r.exchange for r in reports if r.exchange is not None])
+            self.drop.record_split(sum(r.restore_bytes for r in reports), 0.0)
         for timing in (t for r in reports for t in r.pipeline):
             self.pipeline_time.record(timing)
         if merges:
             self._apply_merges({o for o in merges.values() if isinstance(o, MergeOrder)}, reports)
-            self._apply_splits({o for o in merges.values() if isinstance(o, SplitOrder)}, reports)
+            self._apply_splits({o for o in merges.values() if isinstance(o, SplitOrder) and o.phase == "split"}, reports)
         for out in outputs:
             if out.finished:
                 self.owner.pop(out.request_id, None)

@@ -41,6 +41,7 @@ class DropController:
         self.drops = self.restores = self.fallbacks = self.bytes_exchanged = self.restore_bytes = 0
         self.groups: dict[int, tuple[MergeOrder, float]] = {}  # leader -> (order, merge time)
         self.freed: dict[int, int] = {}  # grouped instance -> weight bytes it dropped so far
+        self.restoring: set[int] = set()  # leaders of groups pulling their weights back
         self.merge_pause_seconds = self.restore_seconds = 0.0  # longest merge / split step
         self.request_stalls: list[float] = []  # per exchanged request: seconds its KV was in transit
         self.overlapped_requests = 0  # queued requests that ran while an exchange was in progress
@@ -55,8 +56,10 @@ class DropController:
         return {rank for order, _ in self.groups.values() for rank in order.ranks}
 
     def current_groups(self, snapshot: ClusterSnapshot) -> list[Group]:
-        """What the planner may merge: single instances and live groups not busy exchanging KV."""
-        grouped, busy = self.grouped, {i.instance_id for i in snapshot.instances if i.exchanging}
+        """What the planner may merge: single instances and live groups neither moving KV nor
+        being restored."""
+        grouped = self.grouped
+        busy = {i.instance_id for i in snapshot.instances if i.exchanging} | self.restoring
         groups = [Group(order.ranks, order.slices) for leader, (order, _) in self.groups.items() if leader not in busy]
         return groups + [Group.single(i.instance_id, self.layout.num_layers)
                          for i in snapshot.instances if i.instance_id not in grouped]
@@ -95,21 +98,28 @@ class DropController:
         return orders
 
     def plan_restore(self, snapshot: ClusterSnapshot) -> list[SplitOrder]:
-        """Groups whose KV use fell under the restore fraction of their no-drop capacity."""
+        """Restore in two phases: groups whose KV use fell under the restore fraction of their
+        no-drop capacity start pulling their weights back (``pull``); groups whose pull is done
+        split (``split``). A group busy moving KV or weights gets no order."""
         orders, now = [], time.monotonic()
         no_drop_blocks = self.kv_mapped_bytes // self.full_block_bytes
         for leader, (order, merged_at) in self.groups.items():
             instance = snapshot.by_id(leader)
             if instance.exchanging:
-                continue  # its KV is still moving: a split now would race the exchange
+                continue  # KV or weights still moving: another order now would race them
+            if leader in self.restoring:
+                orders.append(SplitOrder(order.ranks, order.slices, "split"))
+                continue
             capacity = no_drop_blocks * len(order.ranks)
             if self.rules.should_restore(instance.used_blocks + instance.queued_blocks, capacity, merged_at, now):
-                orders.append(SplitOrder(order.ranks, order.slices))
-                log.info("restore: group %s uses %d of %d no-drop blocks; splitting", order.ranks,
+                self.restoring.add(leader)
+                orders.append(SplitOrder(order.ranks, order.slices, "pull"))
+                log.info("restore: group %s uses %d of %d no-drop blocks; pulling its weights back", order.ranks,
                          instance.used_blocks, capacity)
         return orders
 
     def restored(self, order: SplitOrder) -> None:
+        self.restoring.discard(order.ranks[0])
         self.groups.pop(order.ranks[0], None)
         self.predicted_blocks.pop(order.ranks[0], None)
         for member in order.ranks:

@@ -37,6 +37,7 @@ from kunserve.runtime.kv_exchange import KVExchange, LeaderExchange
 from kunserve.runtime.sampler import sample
 from kunserve.runtime.scheduler import SchedulerOutput
 from kunserve.runtime.transport import recv_object, send_object
+from kunserve.runtime.weight_restore import WeightRestore
 
 
 @attrs.frozen
@@ -164,6 +165,7 @@ class StageWorker:
         self.model, self.kv_cache, self.block_manager = model, kv_cache, block_manager
         self.device, self.rank, self.layout = torch.device(device), rank, layout
         self.exchange = exchange
+        self.restore: WeightRestore | None = None  # set when the group's weights come back
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -197,6 +199,8 @@ class StageWorker:
             send_object(StageResult(tokens, logits, stage_busy), self.layout.leader, control)
         if self.exchange is not None and not self.exchange.done:
             self.exchange.run_round()  # after the activations: they never wait behind KV
+        if self.restore is not None and not self.restore.done:
+            self.restore.run_round()  # likewise for the weights coming back
 
     def _sample(self, chunks, hidden: torch.Tensor, rows: torch.Tensor, tokens: dict, logits_out: dict) -> None:
         completing = [c for c in chunks if c.completes]
@@ -221,12 +225,19 @@ class PipelineRunner:
         self.default_generator = torch.Generator().manual_seed(seed)
         self.exchange = exchange
         self.batcher = batcher  # micro-batch policy (policy/batching.py); None: one per step
+        self.restore: WeightRestore | None = None  # set when the group's weights come back
         self.timings: list[StepTiming] = []  # since the owner last took them (``take_timings``)
         if exchange is not None:
             self._holding |= set(exchange.start())
 
     @property
     def exchange_pending(self) -> bool:
+        """KV still moving after a merge, or weights still coming back before a split: the
+        group must not be regrouped meanwhile."""
+        return self._kv_exchange_pending or (self.restore is not None and not self.restore.done)
+
+    @property
+    def _kv_exchange_pending(self) -> bool:
         return self.exchange is not None and not self.exchange.done
 
     def take_timings(self) -> list[StepTiming]:
@@ -236,7 +247,7 @@ class PipelineRunner:
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> dict[str, int]:
         step = self._stage_step(plan)
-        if self.exchange_pending:
+        if self._kv_exchange_pending:
             self.exchange.note_scheduled(c.request_id for c in step.chunks)
         nxt, control, data = self.layout.next_rank(self.rank), self.layout.control_group, self.layout.data_group
         send_object(step, nxt, control)
@@ -257,8 +268,10 @@ class PipelineRunner:
         result: StageResult = recv_object(self.layout.last, control)
         if step.micro_batches:
             self.timings.append(StepTiming(time.perf_counter() - started, result.busy))
-        if self.exchange_pending:
+        if self._kv_exchange_pending:
             self._holding |= set(self.exchange.run_round())  # resumed: members hold their blocks
+        if self.restore is not None and not self.restore.done:
+            self.restore.run_round()
         return {**result.tokens, **self._sample_rows(plan, result.logits)}
 
     def _sample_rows(self, plan: SchedulerOutput, rows: dict[str, torch.Tensor]) -> dict[str, int]:

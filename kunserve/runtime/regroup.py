@@ -19,6 +19,10 @@ The merge step itself moves no KV: the exchange then runs one round after each p
 admitted at once into the memory the schedule guarantees free. Requests on other instances keep
 running throughout. A merge whose slices cannot keep KV in place (``MergeOrder.aligned`` false)
 preempts the running requests instead, which the group recomputes.
+
+Restore is the reverse in two phases (``SplitOrder.phase``): ``pull`` brings the dropped
+weights back in rounds while the group serves (``weight_restore``), ``split`` moves the running
+requests' KV to their new owners and rebuilds each member's whole model (``split_group``).
 """
 
 from __future__ import annotations
@@ -236,28 +240,36 @@ def merge_into_group(engine, order: MergeOrder, rank: int, group):
 
 @attrs.frozen
 class SplitOrder:
-    """Split the group ``ranks`` (pipeline order, ``slices``) back into single instances."""
+    """Restore the group ``ranks`` (pipeline order, ``slices``) in two phases: ``pull`` (the
+    dropped weights come back round by round while the group serves, ``weight_restore``), then
+    ``split`` (KV gathered to each request's new owner; the members serve alone again)."""
 
     ranks: tuple[int, ...]
     slices: tuple[LayerRange, ...]
+    phase: str = attrs.field(default="pull")
+
+    @phase.validator
+    def _check_phase(self, _attr, value):
+        if value not in ("pull", "split"):
+            raise ValueError(f"phase must be 'pull' or 'split', got {value!r}")
 
 
-def split_group(engine, order: SplitOrder, rank: int, group):
-    """Run this rank's part of a restore; returns (assignment request -> rank, stats).
+def split_group(engine, order: SplitOrder, rank: int, group, restored: dict[str, torch.Tensor]):
+    """Run this rank's part of the ``split`` phase; returns (assignment request -> rank, stats).
+    ``restored``: the weights this member pulled back in the ``pull`` phase, by name.
 
     1. the leader assigns every request to a member (running ones balanced by KV blocks);
-    2. each member sends its layers' KV of every running request to the request's new owner,
-       and its weights to every peer (pulled back from the peer that holds them);
-    3. each member takes its dropped chunks back from the KV cache, rebuilds the whole model
-       and writes the received KV into full-model blocks; requests resume where they were.
+    2. each member sends its layers' KV of every running request to the request's new owner;
+    3. each member builds the whole model from its stage's and the restored tensors (all in
+       their weight memory already) and writes the received KV into full-model blocks.
     """
     start = time.perf_counter()
+    assert not engine.memory.unified.dropped, "the pull phase brings every dropped unit back first"
     assignment = _assign(engine, order, rank, group)
     pieces, sent = _gather_kv(engine, order, rank, assignment, group)
-    weights, sent_w = _share_weights(engine.model, order, rank, group)
-    _restore_full_model(engine, engine.model, weights)
+    _restore_full_model(engine, engine.model, restored)
     _resume_requests(engine, order, rank, assignment, pieces, group)
-    stats = MergeStats(sent + sent_w, time.perf_counter() - start)
+    stats = MergeStats(sent, time.perf_counter() - start)
     log.info("rank %d left group %s: %d KV blocks, %d requests, %d bytes sent, %.3f s", rank, order.ranks,
              engine.block_manager.num_blocks, len(engine.requests), stats.bytes_sent, stats.seconds)
     return assignment, stats
@@ -313,44 +325,20 @@ def _gather_kv(engine, order: SplitOrder, rank: int, assignment: dict[str, int],
     return pieces, sent
 
 
-def _share_weights(model, order: SplitOrder, rank: int, group):
-    """Every member sends its stage's parameters to every peer; returns what it received."""
-    received, sent = {}, 0
-    own = {n: p.detach() for n, p in model.named_parameters()}
-    for src, dst in _pairs(order.ranks):
-        if rank == src:
-            send_object({n: tuple(p.shape) for n, p in own.items()}, dst, group)
-            for p in own.values():
-                dist.send(p.contiguous(), dst)
-                sent += p.numel() * p.element_size()
-        elif rank == dst:
-            for name, shape in recv_object(src, group).items():
-                t = torch.empty(shape, dtype=next(iter(own.values())).dtype, device=next(iter(own.values())).device)
-                dist.recv(t, src)
-                received[name] = t
-    return received, sent
-
-
-def _restore_full_model(engine, stage_model, weights: dict[str, torch.Tensor]) -> None:
-    """Take the dropped chunks back, refill them from ``weights``, rebuild the whole model and
-    view the KV cache with full-model blocks again."""
+def _restore_full_model(engine, stage_model, restored: dict[str, torch.Tensor]) -> None:
+    """Rebuild the whole model from the stage's parameters and the restored ones (both views of
+    their weight memory: nothing is copied) and view the KV cache with full-model blocks again."""
     from kunserve.models import build_model
 
     memory = engine.memory
-    memory.kv_cache.storage = None  # the only KV view: released before the tail is unmapped
+    memory.kv_cache.storage = None  # the only KV view: released before the re-view
     engine.block_manager.reset(0)
-    dropped = list(memory.unified.dropped)
-    memory.unified.restore(dropped)
-    kept = {n: p for n, p in stage_model.named_parameters()}
+    tensors = {n: p.detach() for n, p in stage_model.named_parameters()} | restored
     with torch.device("meta"):
         full = build_model(engine.model_config)
-    for name, param in list(full.named_parameters()):
-        tensor = kept.get(name)
-        if tensor is None:
-            tensor = memory.placement.allocate(name, param.shape, engine.dtype)
-            tensor.copy_(weights[name])
+    for name, _param in list(full.named_parameters()):
         module_path, _, leaf = name.rpartition(".")
-        setattr(full.get_submodule(module_path), leaf, torch.nn.Parameter(tensor, requires_grad=False))
+        setattr(full.get_submodule(module_path), leaf, torch.nn.Parameter(tensors[name], requires_grad=False))
     engine.model = full.eval()
     memory.executed_units = set(memory.placement.unit_bytes)
     memory.relayout(full.layer_ids)

@@ -273,6 +273,25 @@ class UnifiedMemory:
         start = self._tail_for(layers)[0][0]
         return list(range(start // self.config.kv_block_bytes, self.num_kv_blocks))
 
+    def restore_order(self, keys: Iterable[Hashable]) -> list[Hashable]:
+        """The dropped ``keys`` in an order in which restoring them one at a time always takes
+        chunks from the top of the KV tail (LIFO by chunk sizes, as ``restore`` requires)."""
+        pending = list(self._layers_in_state(keys, dropped=True))
+        sizes = [chunk.nbytes for _, chunk in self._kv_stack]
+        order = []
+        while pending:
+            for layer in pending:
+                n = len(layer.chunk_sizes)
+                if sorted(sizes[len(sizes) - n:]) == sorted(layer.chunk_sizes):
+                    order.append(layer.key)
+                    pending.remove(layer)
+                    del sizes[len(sizes) - n:]
+                    break
+            else:
+                raise ValueError(f"layers {[layer.key for layer in pending]} cannot be restored one at a time "
+                                 f"from the KV tail; restore them together")
+        return order
+
     def restore(self, keys: Iterable[Hashable]) -> int:
         """Take tail chunks back into the layers' places; returns the new KV block count.
 
