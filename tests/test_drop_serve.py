@@ -53,7 +53,13 @@ def test_burst_drops_then_load_falls_and_restores_token_exact(llama_dir, referen
         outputs = asyncio.run(burst(cluster.base_url))
         assert [o["choices"][0]["text"] for o in outputs] == reference
         metrics = metric_values(httpx.get(f"{cluster.base_url}/metrics").text)
-        time.sleep(0.5)  # load has fallen; the next requests find the group nearly empty
+        # load has fallen to nothing: the idle cluster keeps stepping, pulls the weights back
+        # and splits without any further request
+        deadline, idle = time.monotonic() + 30, {}
+        while time.monotonic() < deadline and idle.get("kunserve_restores_total", 0) < 1:
+            time.sleep(0.2)
+            idle = metric_values(httpx.get(f"{cluster.base_url}/metrics").text)
+        assert idle["kunserve_restores_total"] >= 1 and idle["kunserve_pipeline_groups"] == 0
         light = asyncio.run(burst(cluster.base_url, PROMPTS[:nproc]))
         assert [o["choices"][0]["text"] for o in light] == reference[:nproc]
         after = metric_values(httpx.get(f"{cluster.base_url}/metrics").text)

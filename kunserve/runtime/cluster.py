@@ -270,6 +270,11 @@ class ClusterDriver:
     def has_unfinished_requests(self) -> bool:
         return bool(self.owner)
 
+    def has_background_work(self) -> bool:
+        """Steps are needed without requests: a regrouping is ordered, or a drop group exists
+        (it moves KV or weights in rounds, and is restored once the hold time has passed)."""
+        return bool(self._merges) or (self.drop is not None and bool(self.drop.groups))
+
     def extra_metrics(self) -> dict:
         """Cluster-level counters for /metrics (the drop mechanism adds drops and restores)."""
         extra = {"cluster_instances": len(self.snapshots), "failed_steps_total": self.failed_steps}

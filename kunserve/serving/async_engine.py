@@ -25,6 +25,7 @@ from kunserve.serving.protocol import EngineUnavailableError, check_context_leng
 log = logging.getLogger(__name__)
 
 _ABORT_STEPS = 3  # steps a shutting-down engine gets to hand back abort outputs
+_BACKGROUND_STEP_S = 0.01  # pace of steps with no request in flight (drop groups moving data or idling to restore)
 
 
 class _Stream:
@@ -186,7 +187,8 @@ class AsyncEngine:
     def _iterate(self) -> bool:
         """Apply queued commands, then step once; False when the thread should exit."""
         with self._cond:
-            while not self._inbox and self._stop_at is None and not self.engine.has_unfinished_requests():
+            while (not self._inbox and self._stop_at is None and not self.engine.has_unfinished_requests()
+                   and not self._background_work()):
                 self._cond.wait()
             commands, self._inbox = self._inbox, []
             stop_at = self._stop_at
@@ -198,8 +200,17 @@ class AsyncEngine:
             return False
         if self.engine.has_unfinished_requests():
             self._dispatch(self.engine.step())
+        elif self._background_work():
+            time.sleep(_BACKGROUND_STEP_S)  # idle but for regrouping: do not spin every rank
+            self._dispatch(self.engine.step())
         self._flush()
         return True
+
+    def _background_work(self) -> bool:
+        """A cluster with drop groups steps without requests too (their KV / weights move in
+        rounds, and they are restored once idle long enough)."""
+        check = getattr(self.engine, "has_background_work", None)
+        return bool(check and check())
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
