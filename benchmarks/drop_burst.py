@@ -5,7 +5,8 @@
 Real ``torchrun -m kunserve.serve`` clusters on loopback with a deliberately small KV pool, so
 the burst overloads it; ``kunserve.bench serve`` sends every request at once over HTTP. Prints
 a table (TTFT/TPOT percentiles, drops, merge pause, exchanged requests with KV bytes and stall
-per request, queued requests that ran during an exchange), then one JSON line.
+per request, queued requests that ran during an exchange, and the restore that follows once
+the load is over: weight bytes pulled back in rounds, the split's pause), then one JSON line.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -42,7 +44,12 @@ def run_policy(model: Path, policy: str, args) -> dict:
             "--base-url", cluster.base_url, "--model", "tiny", "--num-prompts", str(args.num_prompts),
             "--input-len", str(args.input_len), "--output-len", str(args.output_len)])
         metrics = serve_bench.run(bench)
-        return {**metrics, "counters": counters(cluster.base_url)}
+        after_load = counters(cluster.base_url)
+        deadline = time.monotonic() + 20  # load is over: the idle cluster restores on its own
+        while policy == "kunserve" and after_load.get("restores_total", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            after_load = counters(cluster.base_url)
+        return {**metrics, "counters": after_load}
     finally:
         cluster.stop()
 
@@ -58,7 +65,7 @@ def main() -> None:
     rows = {policy: run_policy(model, policy, args) for policy in ("vllm", "kunserve")}
     print(f"\n{'policy':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'req/s':>7} {'drops':>6} "
           f"{'pause ms':>9} {'detect->cap ms':>15} {'exch req':>8} {'KB/req':>7} {'stall max ms':>12} "
-          f"{'overlap':>7} {'preempt':>8}")
+          f"{'overlap':>7} {'preempt':>8} {'restores':>8} {'pulled KB':>9} {'split ms':>8}")
     for policy, m in rows.items():
         c = m["counters"]
         exchanged = c.get("exchanged_requests_total", 0)
@@ -68,7 +75,9 @@ def main() -> None:
               f"{c.get('drop_merge_pause_seconds', 0) * 1e3:>9.1f} "
               f"{c.get('drop_detect_to_capacity_seconds', 0) * 1e3:>15.1f} {exchanged:>8.0f} {per_request:>7.1f} "
               f"{c.get('exchange_stall_seconds_max', 0) * 1e3:>12.1f} "
-              f"{c.get('exchange_overlapped_requests_total', 0):>7.0f} {c.get('preemptions_total', 0):>8.0f}")
+              f"{c.get('exchange_overlapped_requests_total', 0):>7.0f} {c.get('preemptions_total', 0):>8.0f} "
+              f"{c.get('restores_total', 0):>8.0f} {c.get('restore_bytes_total', 0) / 1024:>9.0f} "
+              f"{c.get('restore_seconds', 0) * 1e3:>8.1f}")
     ratio = rows["vllm"]["ttft_s"]["p99"] / rows["kunserve"]["ttft_s"]["p99"]
     print(f"P99 TTFT vllm / kunserve: {ratio:.2f}x")
     print(json.dumps({"bench": "drop_burst", **vars(args), "p99_ttft_ratio": ratio, "results": rows}))
