@@ -21,7 +21,8 @@ def expected(llama_dir):
 
 def small_llm(llama_dir, memory="vmm"):
     # 16 blocks x 4 tokens: the 8 prompts cannot all run at once, so requests are preempted.
-    return LLM(str(llama_dir), num_kv_blocks=16, block_size=4, max_model_len=64, memory=memory)
+    # The host backend on purpose (also on a GPU machine: tests/test_vmm_cuda.py covers CUDA).
+    return LLM(str(llama_dir), num_kv_blocks=16, block_size=4, max_model_len=64, memory=memory, device="cpu")
 
 
 def place_replica_of_layer0(engine):
