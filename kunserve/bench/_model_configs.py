@@ -26,7 +26,37 @@ LLAMA3_8B = {
     "torch_dtype": "bfloat16",
 }
 
-MODEL_CONFIGS = {"llama3-8b": LLAMA3_8B}
+# Qwen2.5-14B and Qwen2.5-72B (Qwen/Qwen2.5-*-Instruct config.json, architecture fields): the
+# paper's two models; the simulator (kunserve.sim) sizes memory and step time from these.
+QWEN25_14B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "torch_dtype": "bfloat16",
+}
+
+QWEN25_72B = {
+    **QWEN25_14B,
+    "hidden_size": 8192,
+    "intermediate_size": 29568,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+}
+
+MODEL_CONFIGS = {"llama3-8b": LLAMA3_8B, "qwen2.5-14b": QWEN25_14B, "qwen2.5-72b": QWEN25_72B}
 
 
 def write_model_config(name: str, directory: str | Path | None = None) -> Path:

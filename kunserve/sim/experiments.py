@@ -1,0 +1,248 @@
+"""Paper-style experiments and the simulator's speed benchmark (all results are simulation).
+
+    python -m kunserve.sim.experiments paper --instances 8 64 --out out/sim-paper
+    python -m kunserve.sim.experiments speed --instances 64 --upscale 1 8
+
+``paper``: the KunServe paper's comparison (Qwen-2.5-14B shape, one 80 GB GPU per instance,
+200 Gbps RDMA between instances): P99 TTFT of kunserve vs vllm, vllm-pp, swap (InferCept-style)
+and llumnix; SLO violation at SLO scales 1-10; P50 TPOT. The paper replays BurstGPT arrivals
+scaled so the mean memory demand stays under 60% of capacity. Here the arrivals are BurstGPT-like
+on/off bursts (``bench.traces.onoff_arrivals``): a steady ``base_rate`` per instance plus, every
+``period_s``, a burst of ``burst_requests`` per instance within ``on_s`` seconds; the lengths are
+uniform around BurstGPT's mean lengths as the paper reports them (642 in / 262 out, +-50%), or
+(``--lengths azure-conv``) drawn from the Azure conversation trace shipped with the bench. The
+per-instance load is the same at every cluster size.
+
+``speed``: 64 instances x one hour of the Azure conversation trace (its own arrival times, at
+its own rate or replicated ``--upscale`` times), wall time of the simulation on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import attrs
+
+from kunserve.bench import traces
+from kunserve.sim.config import POLICIES, SimConfig
+
+CONV = "AzureLLMInferenceTrace_conv.csv"
+
+
+@attrs.frozen(kw_only=True)
+class BurstWorkload:
+    """On/off bursts per instance, with synthetic or Azure-conversation lengths (validated once)."""
+
+    base_rate: float = 6.0  # requests/s per instance between bursts
+    burst_requests: float = 300.0  # extra requests per instance in each burst
+    on_s: float = 10.0
+    period_s: float = 60.0
+    duration_s: float = 300.0
+    max_model_len: int = 32768
+    seed: int = 0
+    # None: lengths drawn from the Azure conversation trace; else uniform in len x [0.5, 1.5]
+    # (default: BurstGPT's mean lengths as the paper reports them, 642 in / 262 out)
+    input_len: int | None = 642
+    output_len: int | None = 262
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("base_rate", "burst_requests", "on_s", "period_s", "duration_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.on_s >= self.period_s:
+            raise ValueError(f"on_s ({self.on_s}) must be shorter than period_s ({self.period_s})")
+
+    def build(self, instances: int) -> traces.Trace:
+        base = self.base_rate * instances
+        burst = base + self.burst_requests * instances / self.on_s
+        expected = base * self.duration_s + self.burst_requests * instances * (self.duration_s / self.period_s + 1)
+        arrivals = traces.onoff_arrivals(int(expected * 1.2) + 10, base, burst, self.period_s - self.on_s, self.on_s,
+                                         seed=self.seed)
+        arrivals = [a for a in arrivals if a < self.duration_s]
+        if self.input_len is not None and self.output_len is not None:
+            trace = traces.synthetic_trace(arrivals, self.input_len, self.output_len, 0.5, self.seed)
+            return attrs.evolve(traces.clip_lengths(trace, self.max_model_len), duration_s=self.duration_s)
+        conv = traces.clip_lengths(traces.load_trace(CONV), self.max_model_len)
+        rng = random.Random(self.seed + 7)
+        picks = [rng.randrange(len(conv)) for _ in arrivals]
+        return traces.Trace(tuple(arrivals), tuple(conv.prompt_lens[i] for i in picks),
+                            tuple(conv.output_lens[i] for i in picks), self.duration_s)
+
+
+_DEFAULT = BurstWorkload()
+
+
+def paper_config(policy: str, instances: int, **overrides) -> SimConfig:
+    """The paper's 14B setting: Qwen-2.5-14B on H100-80GB, 200 Gbps RDMA, block size 64; up to
+    1024 running requests per instance (vLLM v1's default on large GPUs; with 256 the sequence
+    cap, not memory, holds bursts back); 64 GiB of host swap space per instance for the swap
+    baseline (vLLM's 4 GiB default holds a tenth of the KV cache; InferCept sizes it for the
+    paused requests)."""
+    settings = dict(policy=policy, instances=instances, model="qwen2.5-14b", gpu="h100-80gb", link="rdma-200",
+                    block_size=64, max_num_seqs=1024, swap_space_bytes=64 << 30, keep_token_times=False)
+    return SimConfig(**{**settings, **overrides})
+
+
+def run_paper(instances: int, workload: BurstWorkload, out: Path, policies=POLICIES, plots: bool = True,
+              **overrides) -> dict:
+    from kunserve.sim import simulate
+    from kunserve.sim.results import write_report
+
+    trace = workload.build(instances)
+    runs = {}
+    for policy in policies:
+        runs[policy] = simulate(paper_config(policy, instances, **overrides), trace)
+        print(f"  {instances} instances, {policy}: {len(trace)} requests, simulated {runs[policy].end_time:.0f} s "
+              f"in {runs[policy].wall_s:.1f} s wall")
+    base = paper_config(policies[0], instances, **overrides)
+    desc = {**attrs.asdict(workload), "requests": len(trace), "mean_rate": len(trace) / workload.duration_s,
+            "capacity_tokens": instances * base.instance_blocks * base.block_size,
+            "mean_demand_fraction_at_25_tok_s": traces.mean_demand_tokens(trace, 25.0)
+            / (instances * base.instance_blocks * base.block_size)}
+    report = write_report(out, runs, desc, plots)
+    print(report["table"])
+    return report
+
+
+def headline(report: dict) -> dict:
+    """P99 TTFT, P50 TPOT and SLO violation (scales 1, 5, 10) per policy, and the ratios."""
+    summary, slo = report["summary"], report["slo"]
+    rows = {}
+    for policy, s in summary.items():
+        viol = {r["scale"]: r["violation_rate"] for r in slo["policies"][policy]}
+        rows[policy] = {"ttft_p99_s": s["ttft_s"]["p99"], "ttft_p50_s": s["ttft_s"]["median"],
+                        "tpot_p50_s": s["tpot_s"]["median"], "slo_violation": viol,
+                        "preemptions": s["preemptions"], "drops": s["drops"], "restores": s["restores"],
+                        "wall_s": s["sim"]["wall_s"]}
+    if "kunserve" in rows:
+        k = rows["kunserve"]
+        for policy, r in rows.items():
+            r["ttft_p99_over_kunserve"] = r["ttft_p99_s"] / k["ttft_p99_s"]
+            r["tpot_p50_kunserve_cost"] = k["tpot_p50_s"] / r["tpot_p50_s"] - 1
+    return rows
+
+
+def plot_paper(run_dirs: list[Path], path: Path) -> Path:
+    """One figure of the paper-style comparison from saved ``summary.json`` files: P99 TTFT
+    (log scale) and P50 TPOT per policy for each run, and SLO violation vs SLO scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reports = [(f"{d.parent.name} {d.name}", json.loads((d / "summary.json").read_text())) for d in run_dirs]
+    fig, axes = plt.subplots(1, 2 + len(reports), figsize=(5 * (2 + len(reports)), 4))
+    policies = list(reports[0][1]["summary"])
+    width = 0.8 / len(reports)
+    for i, (name, report) in enumerate(reports):
+        xs = [p + (i - (len(reports) - 1) / 2) * width for p in range(len(policies))]
+        summary = report["summary"]
+        axes[0].bar(xs, [summary[p]["ttft_s"]["p99"] for p in policies], width, label=name)
+        axes[1].bar(xs, [summary[p]["tpot_s"]["median"] * 1e3 for p in policies], width, label=name)
+        ax = axes[2 + i]
+        for policy, rows in report["slo"]["policies"].items():
+            ax.plot([r["scale"] for r in rows], [r["violation_rate"] * 100 for r in rows], marker="o", label=policy)
+        ax.set_title(f"SLO violation, {name} (simulated)")
+        ax.set_xlabel("SLO scale (x best P50 TTFT and TPOT)")
+        ax.set_ylabel("violation rate (%)")
+        ax.legend(fontsize=8)
+    for ax, title in ((axes[0], "P99 TTFT (s, log)"), (axes[1], "P50 TPOT (ms)")):
+        ax.set_xticks(range(len(policies)), policies)
+        ax.set_title(f"{title} (simulated)")
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    fig.suptitle("SIMULATION (kunserve.sim): Qwen-2.5-14B shape, H100-80GB, 200 Gbps RDMA")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def speed(instances: int, upscale: float, policy: str, exact: bool = False) -> dict:
+    """Simulate one hour of the Azure conversation trace on ``instances`` Qwen-14B instances."""
+    from kunserve.sim import simulate
+    from kunserve.sim.records import metrics_of
+
+    trace = traces.clip_lengths(traces.load_trace(CONV), 32768)
+    if upscale != 1:
+        trace = traces.upscale(trace, upscale, "replicate", seed=0)
+    config = paper_config(policy, instances, fast_forward=not exact, block_size=16)
+    started = time.perf_counter()
+    run = simulate(config, trace)
+    wall = time.perf_counter() - started
+    m = metrics_of(run.logs.values(), run.end_time)
+    return {"instances": instances, "upscale": upscale, "policy": policy, "requests": len(trace),
+            "simulated_s": run.end_time, "wall_s": wall, "steps_exact": run.steps_exact,
+            "steps_fast_forwarded": run.steps_ff, "ttft_p99_s": m["ttft_s"]["p99"], "tpot_p50_s": m["tpot_s"]["median"],
+            "unfinished": run.unfinished}
+
+
+def main(argv=None) -> int:
+    # the controller warns at every simulated overload it cannot cover; the summary counts them
+    loggers = [logging.getLogger(f"kunserve.runtime.{m}") for m in ("drop_controller", "scheduler")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        return _main(argv)
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _main(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m kunserve.sim.experiments", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    paper = sub.add_parser("paper")
+    paper.add_argument("--instances", type=int, nargs="+", default=[8, 64])
+    paper.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    paper.add_argument("--duration-s", type=float, default=300.0)
+    paper.add_argument("--base-rate", type=float, default=_DEFAULT.base_rate)
+    paper.add_argument("--burst-requests", type=float, default=_DEFAULT.burst_requests)
+    paper.add_argument("--on-s", type=float, default=_DEFAULT.on_s)
+    paper.add_argument("--period-s", type=float, default=_DEFAULT.period_s)
+    paper.add_argument("--seed", type=int, default=0)
+    paper.add_argument("--lengths", choices=("burstgpt-mean", "azure-conv"), default="burstgpt-mean",
+                       help="burstgpt-mean: uniform around 642 in / 262 out (the paper's BurstGPT means); "
+                            "azure-conv: drawn from the Azure conversation trace")
+    paper.add_argument("--out", default="out/sim-paper")
+    paper.add_argument("--no-plots", action="store_true")
+    fig = sub.add_parser("figure", help="draw the paper-style figure from saved runs")
+    fig.add_argument("runs", nargs="+", help="directories holding summary.json (e.g. out/sim-paper/.../8-instances)")
+    fig.add_argument("--out", default="out/sim-paper/paper.png")
+    sp = sub.add_parser("speed")
+    sp.add_argument("--instances", type=int, default=64)
+    sp.add_argument("--upscale", type=float, nargs="+", default=[1.0])
+    sp.add_argument("--policy", default="vllm", choices=POLICIES)
+    sp.add_argument("--exact", action="store_true")
+    sp.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.command == "paper":
+        workload = BurstWorkload(base_rate=args.base_rate, burst_requests=args.burst_requests, on_s=args.on_s,
+                                 period_s=args.period_s, duration_s=args.duration_s, seed=args.seed,
+                                 **({} if args.lengths == "burstgpt-mean" else {"input_len": None, "output_len": None}))
+        results = {}
+        for n in args.instances:
+            report = run_paper(n, workload, Path(args.out) / f"{n}-instances", args.policies, not args.no_plots)
+            results[n] = headline(report)
+            print(json.dumps(results[n], indent=1))
+        (Path(args.out) / "headline.json").write_text(json.dumps(results, indent=1) + "\n")
+        return 0
+    if args.command == "figure":
+        print(plot_paper([Path(d) for d in args.runs], Path(args.out)))
+        return 0
+    results = [speed(args.instances, u, args.policy, args.exact) for u in args.upscale]
+    for r in results:
+        print(json.dumps(r))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""Validating the simulator against real multi-rank CPU runs (``python -m kunserve.bench compare``).
+
+    python -m kunserve.bench compare --policies vllm kunserve --ranks 2 ... --out real-w1   # calibration
+    python -m kunserve.bench compare --policies vllm kunserve --ranks 2 ... --out real-w2   # validation
+    python -m kunserve.profile --model builtin --threads 1 --out tiny-cpu.json
+    python -m kunserve.sim.validate --profile tiny-cpu.json --calibrate real-w1 --validate real-w2
+
+The simulated cluster is the real one's: the built-in tiny model, its ``--num-kv-blocks``,
+block size, token budget, 2 ranks stepping in lockstep (``ClusterDriver``), the host VMM's 4 KiB
+granularity (so drops free what the real drop frees). The workload is rebuilt from the real
+run's own arguments (same generator, same seed), so both see the same requests.
+
+What the profile does not contain is the engine's host work around each forward (scheduling,
+input tensors, sampling, pickled step messages between the ranks, rank 0's HTTP streaming),
+nor how much the two ranks, the server and the load client slow each other down on two shared
+cores. Four numbers stand for them (``Calibration``); they are fitted by grid search on the
+*calibration* run only, then used unchanged to predict the *validation* run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from pathlib import Path
+
+import attrs
+
+from kunserve.bench._metrics import percentile
+from kunserve.bench.workload import build_workload
+from kunserve.sim.config import SimConfig
+
+TINY_DIR = Path.home() / ".cache/kunserve/tiny-llama"
+QUANTILES = (50, 90, 99)
+METRICS = ("ttft", "tpot")
+
+
+@attrs.frozen
+class Calibration:
+    time_scale: float = 1.0  # forward time = profile x this (contention on the shared cores)
+    step_overhead_s: float = 0.0  # host work per step
+    overhead_per_seq_s: float = 0.0  # host work per scheduled request (sampling, detokenize, stream)
+    client_latency_s: float = 0.0  # HTTP delivery of each token to the client
+    lockstep_overhead_s: float = 0.0  # rank 0's round trip per cluster step
+    hop_latency_s: float = 50e-6  # a pipeline hop between ranks (pickled step + hidden states over gloo)
+    regroup_overhead_s: float = 0.0  # a merge / split step (re-slice, re-view, manifests)
+
+
+def load_real(path: str | Path) -> tuple[argparse.Namespace, dict]:
+    """(the run's arguments, {policy: {"ttft": [...], "tpot": [...]}}) of a compare.json."""
+    data = json.loads((Path(path) / "compare.json").read_text())
+    args = argparse.Namespace(**data["args"])
+    out = {}
+    for policy, requests in data["requests"].items():
+        ok = [r for r in requests if r["ok"]]
+        out[policy] = {"ttft": [r["ttft"] for r in ok], "tpot": [r["tpot"] for r in ok if r["tpot"] is not None]}
+    return args, out
+
+
+def sim_config(args: argparse.Namespace, policy: str, profile: str, cal: Calibration,
+               model: Path = TINY_DIR) -> SimConfig:
+    return SimConfig(
+        policy=policy, instances=args.ranks, model=str(model), gpu="h100-80gb", link="loopback", profile=profile,
+        time_scale=cal.time_scale, step_overhead_s=cal.step_overhead_s, overhead_per_seq_s=cal.overhead_per_seq_s,
+        client_latency_s=cal.client_latency_s, lockstep_overhead_s=cal.lockstep_overhead_s,
+        link_latency_s=cal.hop_latency_s, regroup_overhead_s=cal.regroup_overhead_s,
+        block_size=args.block_size, max_num_seqs=256,
+        max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
+        weight_granularity=4096, micro_batching="none", pipeline_overlap=False,
+        pipeline_scales_limits=False, min_hold_s=args.restore_hold_s,
+        exchange_overlap=False, monitor_interval_s=0.01, fast_forward=False, lockstep=True,
+        vmm_seconds_per_chunk=0.0)
+
+
+def simulate_like(args: argparse.Namespace, policy: str, profile: str, cal: Calibration) -> dict:
+    """{"ttft": [...], "tpot": [...]} of the simulated twin of a real run."""
+    from kunserve.sim import simulate
+
+    trace = build_workload(args, None)
+    run = simulate(sim_config(args, policy, profile, cal), trace)
+    records = [log.record(cal.client_latency_s) for log in run.logs.values()]
+    done = [r for r in records if r.ok]
+    return {"ttft": [r.ttft for r in done], "tpot": [t for t in (r.tpot for r in done) if t is not None]}
+
+
+def percentiles(values: dict) -> dict:
+    return {f"{m}_p{q}": percentile(values[m], q) for m in METRICS for q in QUANTILES}
+
+
+def errors(real: dict, sim: dict) -> dict:
+    """Relative error of each percentile: (sim - real) / real."""
+    r, s = percentiles(real), percentiles(sim)
+    return {k: (s[k] - r[k]) / r[k] if r[k] else math.nan for k in r}
+
+
+def _search(runs: list, profile: str, base: Calibration, grid: dict, policies) -> tuple[Calibration, float]:
+    """``runs``: (arguments, real percentiles) of each calibration run; the mean is over all."""
+    best, best_err = base, math.inf
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        cal = attrs.evolve(base, **dict(zip(keys, values)))
+        errs = [abs(e) for args, real in runs for policy in policies if policy in real
+                for e in errors(real[policy], simulate_like(args, policy, profile, cal)).values()]
+        err = sum(errs) / len(errs)
+        if err < best_err:
+            best, best_err = cal, err
+    return best, best_err
+
+
+def calibrate(runs: list, profile: str) -> tuple[Calibration, float]:
+    """Grid search for the smallest mean |relative error| of the percentiles: first the
+    single-instance terms on the vllm runs, then the pipeline terms on every policy's runs."""
+    cal, err = _search(runs, profile, Calibration(), VLLM_GRID, ["vllm"])
+    policies = sorted({p for _, real in runs for p in real})
+    if "kunserve" in policies:
+        cal, err = _search(runs, profile, cal, PIPELINE_GRID, policies)
+    return cal, err
+
+
+VLLM_GRID = {
+    "time_scale": (1.5, 2.0, 2.5, 3.0, 4.0),
+    "step_overhead_s": (0.5e-3, 1e-3, 2e-3, 3e-3),
+    "overhead_per_seq_s": (0.0, 1e-4, 2e-4, 4e-4, 8e-4),
+    "client_latency_s": (0.0, 2e-3, 5e-3, 8e-3),
+}
+PIPELINE_GRID = {
+    "hop_latency_s": (1e-3, 2e-3, 4e-3, 6e-3, 8e-3),
+    "regroup_overhead_s": (0.0, 0.02, 0.05, 0.1),
+}
+
+
+def table(name: str, real: dict, sims: dict) -> str:
+    lines = [f"{name}: real (ms) / simulated (ms) / error"]
+    for policy in real:
+        r, s, e = percentiles(real[policy]), percentiles(sims[policy]), errors(real[policy], sims[policy])
+        cells = [f"{k} {r[k] * 1e3:.1f}/{s[k] * 1e3:.1f}/{e[k]:+.0%}" for k in r]
+        lines.append(f"  {policy:>9}: " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kunserve.sim.validate", description=__doc__.splitlines()[0])
+    p.add_argument("--profile", required=True, help="the tiny model's CPU profile (python -m kunserve.profile)")
+    p.add_argument("--calibrate", required=True, nargs="+", help="compare output dirs of the calibration runs")
+    p.add_argument("--validate", nargs="*", default=[], help="compare output dirs to predict")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    cal, err = calibrate([load_real(d) for d in args.calibrate], args.profile)
+    print(f"SIMULATION vs real runs. calibration on {args.calibrate}: {cal} (mean |error| {err:.1%})")
+    report = {"calibration": attrs.asdict(cal), "calibration_error": err, "calibrated_on": args.calibrate,
+              "validated_on": args.validate, "runs": {}}
+    for name in [*args.calibrate, *args.validate]:
+        run_args, real = load_real(name)
+        sims = {policy: simulate_like(run_args, policy, args.profile, cal) for policy in real}
+        print(table(name, real, sims))
+        report["runs"][name] = {policy: {"real": percentiles(real[policy]), "sim": percentiles(sims[policy]),
+                                         "error": errors(real[policy], sims[policy])} for policy in real}
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,249 @@
+"""The cluster simulator (kunserve.sim): it drives the real policy objects, conserves requests and
+tokens, fast-forwarding equals step-by-step simulation, and its CLI runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import numpy as np
+import pytest
+
+from kunserve.bench import traces
+from kunserve.policy.cost_model import ChunkWork, CostModel
+from kunserve.runtime.block_manager import BlockManager
+from kunserve.runtime.request import Request
+from kunserve.runtime.scheduler import Scheduler
+from kunserve.sampling_params import SamplingParams
+from kunserve.sim import POLICIES, SimConfig, simulate
+from kunserve.sim import regroup as sim_regroup
+from kunserve.sim.fastforward import materialize, plan_stretch
+from kunserve.sim.records import RequestLog, metrics_of
+from kunserve.sim.timing import FittedCost, PipelineTiming, RooflineCost
+
+# Qwen-2.5-14B shape on an H100 (roofline clock) with a deliberately small KV cache, so a
+# burst of a few hundred short requests overloads memory within seconds of simulated time.
+SMALL = dict(instances=4, num_kv_blocks=200, min_hold_s=1.0)
+
+
+def bursty(num=300, seed=3, input_len=400, output_len=150):
+    arrivals = traces.onoff_arrivals(num, 5.0, 200.0, 2.0, 0.5, seed=seed)
+    return traces.synthetic_trace(arrivals, input_len, output_len, 0.8, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return bursty()
+
+
+@pytest.fixture(scope="module")
+def runs(trace):
+    """Every policy, exact and fast-forwarded, on the same bursty workload."""
+    return {(policy, ff): simulate(SimConfig(policy=policy, fast_forward=ff, **SMALL), trace)
+            for policy in POLICIES for ff in (False, True)}
+
+
+# -- the sim drives the real policies ------------------------------------------------------------------
+def test_a_burst_drops_and_the_sim_executes_exactly_the_drop_controllers_plan(trace, monkeypatch):
+    planned, executed = [], []
+    plan_for = sim_regroup.SimDropController.plan_for
+    merge = sim_regroup.merge
+
+    def spy_plan(self, *args, **kwargs):
+        orders = plan_for(self, *args, **kwargs)
+        planned.extend(orders)
+        return orders
+
+    def spy_merge(order, *args, **kwargs):
+        executed.append(order)
+        group, pause, nbytes = merge(order, *args, **kwargs)
+        # the group's KV pool is what the controller predicted from the planner's freed bytes
+        drop = args[1]
+        assert group.bm.num_blocks - group.bm.reserved <= drop.predicted_blocks[order.ranks[0]]
+        return group, pause, nbytes
+
+    monkeypatch.setattr(sim_regroup.SimDropController, "plan_for", spy_plan)
+    monkeypatch.setattr(sim_regroup, "merge", spy_merge)
+    run = simulate(SimConfig(policy="kunserve", **SMALL), trace)
+    assert planned, "the burst must overload memory and trigger a drop"
+    assert [id(o) for o in executed] == [id(o) for o in planned]  # the very order objects, all of them
+    assert run.regroups.drop.drops == len(executed) == run.regroups.merges
+    assert all(o.micro_batcher is not None for o in executed)  # the controller's batcher rides on the order
+    assert run.regroups.splits >= 1, "load falls after the burst: groups restore"
+    assert run.unfinished == 0
+
+
+def test_kunserve_cuts_tail_ttft_under_a_memory_burst(runs):
+    vllm = metrics_of(runs["vllm", True].logs.values(), runs["vllm", True].end_time)
+    kun = metrics_of(runs["kunserve", True].logs.values(), runs["kunserve", True].end_time)
+    assert kun["ttft_s"]["p99"] < vllm["ttft_s"]["p99"] / 3
+    assert runs["kunserve", True].preemptions < runs["vllm", True].preemptions
+
+
+def test_baselines_use_their_mechanisms(runs):
+    assert runs["swap", True].swapped_bytes > 0
+    assert runs["llumnix", True].migrations.completed > 0
+    assert runs["vllm-pp", True].bubble_s > 0 and runs["vllm", True].bubble_s == 0
+
+
+# -- conservation and fast-forward == exact ----------------------------------------------------------
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_request_finishes_once_with_the_tokens_it_asked_for(runs, trace, policy):
+    for ff in (False, True):
+        run = runs[policy, ff]
+        assert run.unfinished == 0
+        assert len(run.logs) == len(trace)
+        for i, log in enumerate(run.logs.values()):
+            assert log.finishes == 1
+            assert log.count == trace.output_lens[i] == len(log.times)
+            assert log.arrival <= log.first <= log.last == log.finished_at
+            assert log.times == sorted(log.times)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fast_forward_gives_the_same_per_request_times_as_step_by_step(runs, policy):
+    exact, ff = runs[policy, False], runs[policy, True]
+    assert ff.steps_ff > 2 * ff.steps_exact, "most steps should have been fast-forwarded"
+    assert exact.steps_ff == 0
+    assert exact.steps_exact == ff.steps_exact + ff.steps_ff
+    for request_id, log in exact.logs.items():
+        other = ff.logs[request_id]
+        assert (log.times, log.preemptions, log.unit) == (other.times, other.preemptions, other.unit), request_id
+
+
+def _decoding_scheduler(seed: int, blocks: int, waiting: int = 0, max_seqs: int = 64) -> Scheduler:
+    """A scheduler whose running requests are all past their prefill (+ optional queue)."""
+    rng = random.Random(seed)
+    bm = BlockManager(blocks, 4)
+    s = Scheduler(bm, max_seqs, 512)
+    for i in range(12 + waiting):
+        prompt, out = rng.randrange(1, 20), rng.randrange(1, 30)
+        s.add(Request(f"q{i}", [0] * prompt, SamplingParams(max_tokens=out, ignore_eos=True), prompt + out,
+                      arrival_time=0.0))
+    for _ in range(2):  # prefill everything that fits, then one decode step
+        out = s.schedule()
+        s.update(out, {c.request.request_id: 0 for c in out.chunks if c.completes})
+    return s
+
+
+@pytest.mark.parametrize("seed, blocks, waiting, max_seqs", [
+    (0, 200, 0, 64),  # plenty of blocks: runs until everyone finished
+    (6, 60, 0, 64),  # blocks run out after 2 steps
+    (2, 200, 30, 12),  # a queue held back by max_num_seqs: runs through the first finish only
+    (8, 60, 5, 12),
+])
+def test_a_stretch_equals_stepping_the_real_scheduler(seed, blocks, waiting, max_seqs):
+    s = _decoding_scheduler(seed, blocks, waiting, max_seqs)
+    twin = copy.deepcopy(s)
+    stretch = plan_stretch(s, s.block_manager, lambda alive, prefix: 0.01 + 0.0 * prefix, 0.0, 10_000, 1)
+    assert stretch is not None and (stretch.n > 1 or waiting)
+    free_after, finished = [], set()
+    for _ in range(stretch.n):
+        running_before = len(twin.running)
+        out = twin.schedule()
+        assert not out.preempted and len(out.chunks) == running_before and all(c.num_tokens == 1 for c in out.chunks)
+        finished |= {r.request_id for r in twin.update(out, {c.request.request_id: 0 for c in out.chunks})}
+        free_after.append(twin.block_manager.num_free_blocks)
+    assert free_after == stretch.free_after.tolist()
+    logs = {r.request_id: RequestLog(0.0, 0, 0, True) for r in s.running}
+    got = {r.request_id for r in materialize(stretch, s, s.block_manager, logs)}
+    assert got == finished
+    assert [(r.request_id, r.num_tokens, r.num_computed_tokens) for r in s.running] == \
+        [(r.request_id, r.num_tokens, r.num_computed_tokens) for r in twin.running]
+    assert s.block_manager.num_free_blocks == twin.block_manager.num_free_blocks
+    assert len(s.waiting) == len(twin.waiting) == max(0, 12 + waiting - max_seqs)
+    assert {r: len(s.block_manager.block_table(r)) for r in s.block_manager.owners} == \
+        {r: len(twin.block_manager.block_table(r)) for r in twin.block_manager.owners}
+
+
+# -- timing ---------------------------------------------------------------------------------------------
+def test_fitted_decode_form_is_the_cost_models_own_batch_cost():
+    model = CostModel(a=2e-9, b=1e-9, f=2e-5, d=4e-3, lam=3e-3, g=9e-8)
+    cost = FittedCost(model, scale=1.5)
+    rng = random.Random(0)
+    for _ in range(20):
+        chunks = [ChunkWork(str(i), rng.randrange(0, 5000), 1) for i in range(rng.randrange(1, 300))]
+        expect = 1.5 * model.batch_cost(chunks)
+        got = cost.decode_seconds(np.array([len(chunks)]), np.array([sum(c.prefix for c in chunks)]))[0]
+        assert got == pytest.approx(expect, rel=1e-12)
+
+
+def test_one_micro_batch_through_a_pipeline_costs_the_forward_plus_the_hops():
+    from kunserve.sim.hardware import GPUS, LINKS
+    from kunserve.sim.model import resolve
+
+    cost = RooflineCost(resolve("qwen2.5-14b"), GPUS["h100-80gb"])
+    timing = PipelineTiming(cost, (0.5, 0.5), LINKS["rdma-200"], 10240, 1, 1e-3, 0.0)
+    chunks = [ChunkWork(str(i), 100 * i, 1) for i in range(64)]
+    step = timing.step_seconds([chunks], len(chunks))
+    decode = timing.decode_seconds(np.array([64]), np.array([sum(c.prefix for c in chunks)]))[0]
+    assert step.seconds == pytest.approx(decode, rel=1e-9)
+    assert step.bubble == pytest.approx(step.busy + 2 * timing.hop_seconds(64), rel=1e-9)  # 2 stages, 1 micro-batch
+    # two equal micro-batches overlap: stage 2 runs the first while stage 1 runs the second
+    halves = timing.step_seconds([chunks[:32], chunks[32:]], len(chunks))
+    assert halves.seconds < step.seconds + cost.batch_seconds(chunks[:1])
+
+
+def test_memory_model_of_the_papers_two_models():
+    c14 = SimConfig(model="qwen2.5-14b", gpu="h100-80gb")
+    assert c14.shape.weight_bytes == pytest.approx(29.5e9, rel=0.01)
+    assert c14.shape.kv_bytes_per_token == 48 * 2 * 8 * 128 * 2
+    assert 200_000 < c14.instance_blocks * c14.block_size < 260_000  # ~45 GB of KV
+    c72 = SimConfig(model="qwen2.5-72b", gpu="h100-80gb", tp=4)
+    assert c72.shape.weight_bytes == pytest.approx(145.4e9, rel=0.01) and c72.instance_blocks > 0
+    with pytest.raises(ValueError, match="does not fit"):
+        _ = SimConfig(model="qwen2.5-72b", gpu="h100-80gb", tp=1).instance_blocks
+    with pytest.raises(ValueError, match="policy"):
+        SimConfig(policy="nope")
+    with pytest.raises(ValueError, match="lockstep"):
+        SimConfig(lockstep=True)
+
+
+# -- sanity ---------------------------------------------------------------------------------------------
+def test_more_instances_lower_ttft_under_the_same_load():
+    trace = traces.synthetic_trace(traces.gamma_arrivals(400, 60.0, 1.0, seed=5), 600, 100, 0.5, seed=5)
+    ttft = {}
+    for n in (2, 4, 8):
+        run = simulate(SimConfig(policy="vllm", instances=n, num_kv_blocks=400), trace)
+        ttft[n] = metrics_of(run.logs.values(), run.end_time)["ttft_s"]
+    assert ttft[2]["mean"] > ttft[4]["mean"] > ttft[8]["mean"]
+    assert ttft[2]["p99"] > ttft[4]["p99"] > ttft[8]["p99"]
+
+
+def test_lockstep_mode_steps_units_together():
+    trace = bursty(num=60)
+    run = simulate(SimConfig(policy="vllm", fast_forward=False, lockstep=True, **SMALL), trace)
+    assert run.unfinished == 0
+    # lockstep: all units' token times fall on the same cluster step boundaries
+    times = {t for log in run.logs.values() for t in log.times}
+    per_unit = {}
+    for log in run.logs.values():
+        per_unit.setdefault(log.unit, set()).update(log.times)
+    assert all(ts <= times for ts in per_unit.values()) and len(per_unit) > 1
+
+
+def test_cli_writes_a_labelled_summary(tmp_path):
+    from kunserve.sim.__main__ import main
+
+    out = tmp_path / "sim"
+    code = main(["--compare", "--policies", "vllm", "kunserve", "--instances", "2", "--num-kv-blocks", "120",
+                 "--synthetic", "onoff", "--num-prompts", "40", "--input-len", "300", "--output-len", "60",
+                 "--request-rate", "4", "--burst-rate", "200", "--min-hold-s", "1", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "summary.json").read_text())
+    assert report["simulation"] is True and "SIMULATION" in (out / "table.txt").read_text()
+    assert set(report["summary"]) == {"vllm", "kunserve"}
+    assert report["summary"]["vllm"]["completed"] == 40
+
+
+def test_qwen72b_on_tp4_instances_drops_under_a_burst():
+    """The paper's large model: TP4 instances (all-reduces in the step, 4 NICs per instance)."""
+    trace = bursty(num=150, input_len=600, output_len=200)
+    run = simulate(SimConfig(policy="kunserve", model="qwen2.5-72b", tp=4, instances=2, num_kv_blocks=150,
+                             min_hold_s=1.0), trace)
+    assert run.unfinished == 0 and run.regroups.merges >= 1
+    one_gpu = RooflineCost(run.config.shape, run.config.gpu_spec, 1)
+    tp4 = RooflineCost(run.config.shape, run.config.gpu_spec, 4)
+    chunks = [ChunkWork(str(i), 1000, 1) for i in range(32)]
+    assert one_gpu.batch_seconds(chunks) / 4 < tp4.batch_seconds(chunks) < one_gpu.batch_seconds(chunks) / 3
