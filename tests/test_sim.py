@@ -13,6 +13,7 @@ import pytest
 from kunserve.bench import traces
 from kunserve.policy.cost_model import ChunkWork, CostModel
 from kunserve.runtime.block_manager import BlockManager
+from kunserve.runtime.drop_controller import DropController
 from kunserve.runtime.request import Request
 from kunserve.runtime.scheduler import Scheduler
 from kunserve.sampling_params import SamplingParams
@@ -47,7 +48,7 @@ def runs(trace):
 # -- the sim drives the real policies ------------------------------------------------------------------
 def test_a_burst_drops_and_the_sim_executes_exactly_the_drop_controllers_plan(trace, monkeypatch):
     planned, executed = [], []
-    plan_for = sim_regroup.SimDropController.plan_for
+    plan_for = DropController.plan_for
     merge = sim_regroup.merge
 
     def spy_plan(self, *args, **kwargs):
@@ -63,7 +64,7 @@ def test_a_burst_drops_and_the_sim_executes_exactly_the_drop_controllers_plan(tr
         assert group.bm.num_blocks - group.bm.reserved <= drop.predicted_blocks[order.ranks[0]]
         return group, pause, nbytes
 
-    monkeypatch.setattr(sim_regroup.SimDropController, "plan_for", spy_plan)
+    monkeypatch.setattr(DropController, "plan_for", spy_plan)
     monkeypatch.setattr(sim_regroup, "merge", spy_merge)
     run = simulate(SimConfig(policy="kunserve", **SMALL), trace)
     assert planned, "the burst must overload memory and trigger a drop"
@@ -71,6 +72,9 @@ def test_a_burst_drops_and_the_sim_executes_exactly_the_drop_controllers_plan(tr
     assert run.regroups.drop.drops == len(executed) == run.regroups.merges
     assert all(o.micro_batcher is not None for o in executed)  # the controller's batcher rides on the order
     assert run.regroups.splits >= 1, "load falls after the burst: groups restore"
+    kinds = [kind for _t, kind, _m in run.regroups.events]
+    assert kinds.count("pull") >= run.regroups.splits  # every split came after its group pulled its weights
+    assert run.regroups.metrics()["weight_bytes_pulled"] > 0
     assert run.unfinished == 0
 
 

@@ -156,6 +156,7 @@ def plot_paper(run_dirs: list[Path], path: Path) -> Path:
         ax.set_title(f"{title} (simulated)")
         ax.legend(fontsize=8)
     axes[0].set_yscale("log")
+    axes[0].set_ylim(bottom=0.5)
     fig.suptitle("SIMULATION (kunserve.sim): Qwen-2.5-14B shape, H100-80GB, 200 Gbps RDMA")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -111,6 +111,7 @@ class Unit:
         self._eventful = False
         self.version = 0
         self.exchange = None  # regroup.SimLeaderExchange while KV moves after a merge
+        self.pull = None  # regroup.SimWeightPull while a restore pulls the weights back
         self.pending = None  # a regroup order waiting for this unit's boundary
         self.swap_counters = SwapCounters()
         # inbox actions ever delivered, and how many of them the current ``boundary`` reflects
@@ -122,8 +123,17 @@ class Unit:
 
     # -- state ---------------------------------------------------------------------------------
     @property
+    def transfer(self):
+        """The KV exchange or weight pull still running (one round after each step), if any."""
+        for transfer in (self.exchange, self.pull):
+            if transfer is not None and not transfer.done:
+                return transfer
+        return None
+
+    @property
     def exchanging(self) -> bool:
-        return self.exchange is not None and not self.exchange.done
+        """KV or weights still moving (``InstanceSnapshot.exchanging``)."""
+        return self.transfer is not None
 
     @property
     def has_work(self) -> bool:
@@ -251,7 +261,7 @@ class Unit:
                 self.bubble_s += step.bubble
                 self.stage_s += step.busy + step.bubble
         if self.exchanging:
-            round_s = self.exchange.next_round_seconds()
+            round_s = self.transfer.next_round_seconds()
             seconds = max(seconds, round_s) if self.env.exchange_overlap else seconds + round_s
         if swaps:
             seconds += self._swap_seconds(output)
@@ -288,7 +298,7 @@ class Unit:
             self.steps_exact += 1
             eventful = self._eventful
             if self.exchanging:
-                self.exchange.run_round(now)
+                self.transfer.run_round(now)
         for request in finished:
             log = logs[request.request_id]
             # its last token's step end: inside a stretch that is before ``now``

@@ -12,18 +12,22 @@ tensors, and charges time for it:
   runs after each step (``UnitEnv.exchange_overlap``: the round overlaps the step, as the
   coordinated exchange sends KV between activations; else it adds to it). A round takes the
   busiest member's bytes over the link;
-- restore (split): stop-the-world, as the runtime does: every member pulls the weights it
-  dropped and the KV of the requests it is assigned, then serves alone.
+- restore, in the runtime's two phases: ``pull`` (the group keeps serving; one round of weight
+  units after each step, overlapping it like the exchange; admission capped at the final pool),
+  then ``split`` (the members pause while the KV of each running request moves to its new owner,
+  then serve alone).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import types
 
 from kunserve.policy.drop import Group
 from kunserve.policy.exchange import PageTransfer, ResidentRequest, plan_exchange, schedule_exchange
-from kunserve.policy.snapshot import ClusterSnapshot
 from kunserve.runtime.block_manager import BlockManager
+from kunserve.runtime import drop_controller as drop_controller_module
 from kunserve.runtime.drop_controller import DropController
 from kunserve.runtime.kv_exchange import LeaderExchange, outbound_owner
 from kunserve.runtime.regroup import MergeOrder, SplitOrder
@@ -37,34 +41,18 @@ def _arrival(request) -> float:
     return request.metrics.arrival_time
 
 
-class SimDropController(DropController):
-    """The runtime's ``DropController`` on the simulated clock.
-
-    ``DropController`` reads ``time.monotonic()`` for the merge time of a group and for "now" in
-    ``plan_restore``; here both are the simulated ``now`` (set by the simulator before each
-    call). ``plan_restore`` repeats the runtime's loop (skip exchanging groups, capacity = no-drop
-    blocks x members) and asks the same ``OverloadRules.should_restore``.
-    """
-
-    now = 0.0
-
-    def plan_for(self, snapshot, required, prefer=frozenset()):
-        orders = super().plan_for(snapshot, required, prefer)
-        for order in orders:
-            self.groups[order.ranks[0]] = (order, self.now)
-        return orders
-
-    def plan_restore(self, snapshot: ClusterSnapshot) -> list[SplitOrder]:
-        orders = []
-        no_drop_blocks = self.kv_mapped_bytes // self.full_block_bytes
-        for leader, (order, merged_at) in self.groups.items():
-            instance = snapshot.by_id(leader)
-            if instance.exchanging:
-                continue
-            capacity = no_drop_blocks * len(order.ranks)
-            if self.rules.should_restore(instance.used_blocks + instance.queued_blocks, capacity, merged_at, self.now):
-                orders.append(SplitOrder(order.ranks, order.slices))
-        return orders
+@contextlib.contextmanager
+def simulated_clock(now: float):
+    """``DropController`` reads ``time.monotonic()`` (merge times, the restore hold, metrics);
+    inside this block it reads the simulated ``now``. The swap is of that module's ``time``
+    name only and lasts one call of the single-threaded simulator, so the controller's own
+    code (plan, plan_restore with its two phases) runs unchanged."""
+    saved = drop_controller_module.time
+    drop_controller_module.time = types.SimpleNamespace(monotonic=lambda: now)
+    try:
+        yield
+    finally:
+        drop_controller_module.time = saved
 
 
 class SimLeaderExchange(LeaderExchange):
@@ -166,13 +154,60 @@ def _new_drops(order: MergeOrder, drop: DropController) -> list[int]:
     return [old[m] - layout.slice_bytes(s) for m, s in zip(order.ranks, order.slices)]
 
 
+class SimWeightPull:
+    """The ``pull`` phase of a restore while the group keeps serving: round ``k`` (one after each
+    group step, as ``runtime/weight_restore.py`` runs them) gives every member back its ``k``-th
+    dropped unit from the member that executes it. The leader caps admission at the smallest
+    pool the members will have once all weights are back (``BlockManager.reserved``).
+    Invariant: ``rounds[k]`` maps member -> (bytes in, bytes out) of round ``k``."""
+
+    def __init__(self, order: SplitOrder, layout, bm: BlockManager, final_pool: int, link: Link, lanes: int):
+        owner = {}
+        for m, (a, b) in zip(order.ranks, order.slices):
+            owner.update({layer: m for layer in range(a, b)})
+        owner["embed"], owner["head"] = order.ranks[0], order.ranks[-1]
+        size = {**{i: n for i, n in enumerate(layout.layer_bytes)}, "embed": layout.embed_bytes, "head": layout.head_bytes}
+        units = {m: [u for u in size if owner[u] != m and size[u]] for m in order.ranks}
+        self.rounds = []
+        for k in range(max(len(u) for u in units.values())):
+            traffic = {m: [0, 0] for m in order.ranks}
+            for m, mine in units.items():
+                if k < len(mine):
+                    traffic[m][0] += size[mine[k]]
+                    traffic[owner[mine[k]]][1] += size[mine[k]]
+            self.rounds.append(traffic)
+        self.round, self.link, self.lanes = 0, link, lanes
+        self.total_bytes = 0
+        bm.reserved = max(bm.reserved, bm.num_blocks - final_pool)
+
+    @property
+    def done(self) -> bool:
+        return self.round >= len(self.rounds)
+
+    def next_round_seconds(self) -> float:
+        busiest = max(max(into, out) for into, out in self.rounds[self.round].values())
+        return self.link.seconds(busiest, self.lanes)
+
+    def run_round(self, now: float) -> list[str]:
+        self.total_bytes += sum(into for into, _ in self.rounds[self.round].values())
+        self.round += 1
+        return []
+
+
+def start_pull(order: SplitOrder, unit, drop: DropController, config) -> SimWeightPull:
+    """Begin the ``pull`` phase on ``unit`` (at a boundary)."""
+    per_layer = drop.full_block_bytes // config.shape.num_layers
+    final_pool = min(drop.kv_mapped_bytes // (per_layer * (b - a)) for a, b in order.slices)
+    return SimWeightPull(order, drop.layout, unit.bm, final_pool, config.link_spec, config.tp)
+
+
 def split(order: SplitOrder, unit, drop: DropController, config, make_unit) -> tuple[list, float, int]:
-    """Execute a restore on the paused group ``unit``; returns (single units, seconds the
-    members are stopped, bytes moved). Assignment as ``runtime.regroup._assign``: running
-    requests in arrival order to the member holding the fewest KV blocks so far, queued ones
-    round-robin; each resumes where it was (its KV is gathered to its new owner)."""
+    """Execute the ``split`` phase on the paused group ``unit`` (its weights are back); returns
+    (single units, seconds the members are paused, KV bytes moved). Assignment as
+    ``runtime.regroup``: running requests in arrival order to the member holding the fewest KV
+    blocks so far, queued ones round-robin; each member sends its layers' KV of a request to the
+    request's new owner, which resumes it where it was."""
     shape, bs, ranks = config.shape, config.block_size, order.ranks
-    layout = drop.layout
     scheduler = unit.scheduler
     assert not scheduler.stalled, "groups still exchanging KV are never split"
     load, owner = {m: 0 for m in ranks}, {}
@@ -183,25 +218,20 @@ def split(order: SplitOrder, unit, drop: DropController, config, make_unit) -> t
     for i, request in enumerate(scheduler.waiting):
         owner[request.request_id] = ranks[i % len(ranks)]
     out, into = {m: 0 for m in ranks}, {m: 0 for m in ranks}
-    for request in scheduler.running:  # each member sends its layers of a request to its new owner
+    for request in scheduler.running:
         dst = owner[request.request_id]
         for m, (a, b) in zip(ranks, order.slices):
             if m != dst:
                 nbytes = request.num_computed_tokens * shape.kv_bytes_per_token_layer * (b - a)
                 out[m] += nbytes
                 into[dst] += nbytes
-    stage = {m: layout.slice_bytes(s) for m, s in zip(ranks, order.slices)}
-    for m in ranks:  # every member sends its stage's weights to every peer
-        out[m] += stage[m] * (len(ranks) - 1)
-        into[m] += layout.total_bytes - stage[m]
-    seconds = config.regroup_overhead_s + max(config.link_spec.seconds(max(out[m], into[m]), config.tp)
-                  + config.vmm.seconds((layout.total_bytes - stage[m]) // config.tp) for m in ranks)
+    seconds = config.regroup_overhead_s + max(config.link_spec.seconds(max(out[m], into[m]), config.tp) for m in ranks)
     singles = []
     for m in ranks:
-        mine = [r for r in scheduler.running if owner[r.request_id] == m]
+        mine = sorted((r for r in scheduler.running if owner[r.request_id] == m), key=_arrival)
         queued = sorted((r for r in scheduler.waiting if owner[r.request_id] == m), key=_arrival)
         s = Scheduler(BlockManager(config.instance_blocks, bs), *config.limits(1))
-        for request in sorted(mine, key=_arrival):
+        for request in mine:
             if s.block_manager.can_allocate(request.request_id, request.num_computed_tokens):
                 s.block_manager.allocate(request.request_id, request.num_computed_tokens)
                 s.running.append(request)
