@@ -179,3 +179,17 @@ def schedule_exchange(
         best = free_now if best is None else min(best, free_now)
         budget.append(best)
     return ExchangeSchedule(tuple(rounds), ready_after, tuple(states), tuple(reversed(budget)))
+
+
+def assign_owners(running, waiting, members: tuple[int, ...], blocks_of) -> dict[str, int]:
+    """Who serves each request when a group splits: running requests in arrival order to the
+    member holding the fewest KV blocks so far (``blocks_of(request_id)`` each), queued ones
+    round-robin. ``running`` / ``waiting``: objects with ``request_id`` and ``metrics.arrival_time``."""
+    load, owner = {m: 0 for m in members}, {}
+    for request in sorted(running, key=lambda r: r.metrics.arrival_time):
+        target = min(members, key=lambda m: (load[m], m))
+        owner[request.request_id] = target
+        load[target] += blocks_of(request.request_id)
+    for i, request in enumerate(waiting):
+        owner[request.request_id] = members[i % len(members)]
+    return owner

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 from kunserve.policy.drop import GreedyDropPlanner, Group, WeightLayout
 from kunserve.policy.overload import OverloadRules
@@ -33,11 +34,13 @@ class DropController:
 
     def __init__(self, layout: WeightLayout, full_block_bytes: int, kv_mapped_bytes: int,
                  rules: OverloadRules | None = None, max_group_size: int | None = None,
-                 exchange_chunk_bytes: int = DEFAULT_EXCHANGE_CHUNK_BYTES, micro_batcher=None):
+                 exchange_chunk_bytes: int = DEFAULT_EXCHANGE_CHUNK_BYTES, micro_batcher=None,
+                 clock: Callable[[], float] = time.monotonic):
         self.layout, self.full_block_bytes, self.kv_mapped_bytes = layout, full_block_bytes, kv_mapped_bytes
         self.planner = GreedyDropPlanner(layout, max_group_size)
         self.rules = rules or OverloadRules()
         self.exchange_chunk_bytes, self.micro_batcher = exchange_chunk_bytes, micro_batcher
+        self.clock = clock  # seconds; merge times, the restore hold, metrics (the simulator passes its own)
         self.drops = self.restores = self.fallbacks = self.bytes_exchanged = self.restore_bytes = 0
         self.groups: dict[int, tuple[MergeOrder, float]] = {}  # leader -> (order, merge time)
         self.freed: dict[int, int] = {}  # grouped instance -> weight bytes it dropped so far
@@ -81,7 +84,7 @@ class DropController:
             log.warning("overload needs %d bytes of KV but dropping frees at most %d: falling back to "
                         "recompute preemption; the cluster needs more instances", required, plan.total_freed_bytes)
         if plan.merged:
-            self._detected_at = time.monotonic()
+            self._detected_at = self.clock()
         orders = []
         for group, sources in zip(plan.merged, plan.sources):
             for source in sources:
@@ -90,7 +93,7 @@ class DropController:
             for member in group.members:
                 self.freed[member] = self.freed.get(member, 0) + plan.freed_bytes.get(member, 0)
             order = MergeOrder(group.members, group.slices, sources, self.exchange_chunk_bytes, self.micro_batcher)
-            self.groups[group.members[0]] = (order, time.monotonic())
+            self.groups[group.members[0]] = (order, self.clock())
             self.predicted_blocks[group.members[0]] = self._predicted_capacity(group)
             log.info("drop: groups %s merge into pipeline %s with slices %s (predicted capacity %d blocks)",
                      [s.members for s in sources], group.members, group.slices, self.predicted_blocks[group.members[0]])
@@ -101,7 +104,7 @@ class DropController:
         """Restore in two phases: groups whose KV use fell under the restore fraction of their
         no-drop capacity start pulling their weights back (``pull``); groups whose pull is done
         split (``split``). A group busy moving KV or weights gets no order."""
-        orders, now = [], time.monotonic()
+        orders, now = [], self.clock()
         no_drop_blocks = self.kv_mapped_bytes // self.full_block_bytes
         for leader, (order, merged_at) in self.groups.items():
             instance = snapshot.by_id(leader)
@@ -150,7 +153,7 @@ class DropController:
         """The merge step finished: the queued requests are admitted from the next step on."""
         self.drops += 1
         if self._detected_at is not None:
-            self.detect_to_capacity_seconds = max(self.detect_to_capacity_seconds, time.monotonic() - self._detected_at)
+            self.detect_to_capacity_seconds = max(self.detect_to_capacity_seconds, self.clock() - self._detected_at)
 
     def metrics(self) -> dict:
         return {

@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from kunserve.policy.drop import Group
-from kunserve.policy.exchange import PageTransfer, ResidentRequest, plan_exchange, schedule_exchange
+from kunserve.policy.exchange import (PageTransfer, ResidentRequest, assign_owners, plan_exchange,
+                                      schedule_exchange)
 from kunserve.runtime.kv_exchange import KVExchange, LeaderExchange, outbound_owner
 from kunserve.runtime.pipeline import GroupLayout, PipelineRunner, StageWorker
 from kunserve.runtime.transport import recv_object, send_object
@@ -279,14 +280,9 @@ def _assign(engine, order: SplitOrder, rank: int, group) -> dict[str, int]:
     leader = order.ranks[0]
     if rank != leader:
         return recv_object(leader, group)
-    load = {r: 0 for r in order.ranks}
-    assignment = {}
-    for request in sorted(engine.scheduler.running, key=lambda r: r.metrics.arrival_time):
-        target = min(order.ranks, key=lambda r: (load[r], r))
-        assignment[request.request_id] = target
-        load[target] += len(engine.block_manager.block_table(request.request_id))
-    for i, request in enumerate(engine.scheduler.waiting):
-        assignment[request.request_id] = order.ranks[i % len(order.ranks)]
+    bm = engine.block_manager
+    assignment = assign_owners(engine.scheduler.running, engine.scheduler.waiting, order.ranks,
+                               lambda rid: len(bm.block_table(rid)))
     for peer in order.ranks[1:]:
         send_object(assignment, peer, group)
     return assignment

@@ -53,7 +53,7 @@ STEP_END, TIMER, TICK, ARRIVAL = 0, 1, 2, 3
 
 class Regroups:
     """Drop / restore orders from the runtime's ``DropController`` (on the simulated clock,
-    ``regroup.simulated_clock``), executed by ``regroup.merge``, ``regroup.start_pull`` and
+    its ``clock``), executed by ``regroup.merge``, ``regroup.start_pull`` and
     ``regroup.split``. Merges and splits wait until every unit involved is at a boundary; a
     ``pull`` starts at the group's next boundary and runs while it serves. While any order is
     not yet in effect the controller is not asked again (the runtime's rank 0 executes orders
@@ -64,7 +64,9 @@ class Regroups:
         self.drop = DropController(
             config.shape.weight_layout(config.weight_granularity), config.full_block_bytes, config.kv_mapped_bytes,
             OverloadRules(config.restore_fraction, config.min_hold_s), config.max_group_size,
-            exchange_chunk_bytes=config.exchange_chunk_bytes(), micro_batcher=config.micro_batcher("kunserve"))
+            exchange_chunk_bytes=config.exchange_chunk_bytes(), micro_batcher=config.micro_batcher("kunserve"),
+            clock=lambda: self.now)
+        self.now = 0.0  # simulated seconds: the controller's clock
         self.waiting: list[tuple] = []  # (order, unit ids) of merges / splits not executed yet
         self.activating = 0  # executed, new units not stepping yet
         self.pulls_pending = 0  # pull orders not yet applied at the group's boundary
@@ -84,8 +86,8 @@ class Regroups:
         if self.busy:
             return
         snapshot = sim.cluster_snapshot()
-        with regroup.simulated_clock(now):
-            orders = self.drop.plan(snapshot) + self.drop.plan_restore(snapshot)
+        self.now = now
+        orders = self.drop.plan(snapshot) + self.drop.plan_restore(snapshot)
         for order in orders:
             self._issue(sim, order, now)
 
@@ -124,8 +126,8 @@ class Regroups:
                 unit._apply_inbox(now)  # requests that arrived while it was paused
             if isinstance(order, regroup.MergeOrder):
                 group, pause, nbytes = regroup.merge(order, units, self.drop, self.config, sim.make_unit, now)
-                with regroup.simulated_clock(now):
-                    self.drop.merged()
+                self.now = now
+                self.drop.merged()
                 self.merges += 1
                 self.exchange_bytes += nbytes
                 self.merge_pauses.append(pause)

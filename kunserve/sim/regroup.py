@@ -20,14 +20,12 @@ tensors, and charges time for it:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import types
 
 from kunserve.policy.drop import Group
-from kunserve.policy.exchange import PageTransfer, ResidentRequest, plan_exchange, schedule_exchange
+from kunserve.policy.exchange import (PageTransfer, ResidentRequest, assign_owners, plan_exchange,
+                                      schedule_exchange)
 from kunserve.runtime.block_manager import BlockManager
-from kunserve.runtime import drop_controller as drop_controller_module
 from kunserve.runtime.drop_controller import DropController
 from kunserve.runtime.kv_exchange import LeaderExchange, outbound_owner
 from kunserve.runtime.regroup import MergeOrder, SplitOrder
@@ -39,20 +37,6 @@ log = logging.getLogger(__name__)
 
 def _arrival(request) -> float:
     return request.metrics.arrival_time
-
-
-@contextlib.contextmanager
-def simulated_clock(now: float):
-    """``DropController`` reads ``time.monotonic()`` (merge times, the restore hold, metrics);
-    inside this block it reads the simulated ``now``. The swap is of that module's ``time``
-    name only and lasts one call of the single-threaded simulator, so the controller's own
-    code (plan, plan_restore with its two phases) runs unchanged."""
-    saved = drop_controller_module.time
-    drop_controller_module.time = types.SimpleNamespace(monotonic=lambda: now)
-    try:
-        yield
-    finally:
-        drop_controller_module.time = saved
 
 
 class SimLeaderExchange(LeaderExchange):
@@ -205,18 +189,13 @@ def split(order: SplitOrder, unit, drop: DropController, config, make_unit) -> t
     """Execute the ``split`` phase on the paused group ``unit`` (its weights are back); returns
     (single units, seconds the members are paused, KV bytes moved). Assignment as
     ``runtime.regroup``: running requests in arrival order to the member holding the fewest KV
-    blocks so far, queued ones round-robin; each member sends its layers' KV of a request to the
+    blocks so far, queued ones round-robin (``policy.exchange.assign_owners``);
+    each member sends its layers' KV of a request to the
     request's new owner, which resumes it where it was."""
     shape, bs, ranks = config.shape, config.block_size, order.ranks
     scheduler = unit.scheduler
     assert not scheduler.stalled, "groups still exchanging KV are never split"
-    load, owner = {m: 0 for m in ranks}, {}
-    for request in sorted(scheduler.running, key=_arrival):
-        target = min(ranks, key=lambda m: (load[m], m))
-        owner[request.request_id] = target
-        load[target] += len(unit.bm.block_table(request.request_id))
-    for i, request in enumerate(scheduler.waiting):
-        owner[request.request_id] = ranks[i % len(ranks)]
+    owner = assign_owners(scheduler.running, scheduler.waiting, ranks, lambda rid: len(unit.bm.block_table(rid)))
     out, into = {m: 0 for m in ranks}, {m: 0 for m in ranks}
     for request in scheduler.running:
         dst = owner[request.request_id]
