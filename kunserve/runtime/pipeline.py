@@ -149,11 +149,37 @@ def _stage_metadata(chunks: tuple[StageChunk, ...], block_manager: BlockManager,
     return meta, as_long(positions), as_long(rows)
 
 
-def _now(device: torch.device) -> float:
-    """A timestamp after the device's queued work (compute seconds must not read as idle)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+class _ComputeTimer:
+    """Seconds a stage computes in one step, for the bubble measurement. On CUDA, events around
+    each micro-batch are read once when the step's total is asked for: one wait per step, never
+    a host sync between micro-batches (which would stall the pipeline it measures)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self._spans: list = []
+
+    def begin(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def end(self, began) -> None:
+        if not self.cuda:
+            self.seconds += time.perf_counter() - began
+            return
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self._spans.append((began, event))
+
+    def total(self) -> float:
+        if self._spans:
+            self._spans[-1][1].synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in self._spans) / 1e3  # ms -> s
+            self._spans.clear()
+        return self.seconds
 
 
 class StageWorker:
@@ -176,21 +202,21 @@ class StageWorker:
             send_object(step, nxt, control)  # early, so the next stage is waiting for micro-batch 0
         for request_id in step.released:
             self.block_manager.free(request_id)
-        busy, sends, tokens, logits = 0.0, [], {}, {}
+        timer, sends, tokens, logits = _ComputeTimer(self.device), [], {}, {}
         for chunks in step.micro_batches:
             hidden = torch.empty(sum(c.num_tokens for c in chunks), self.model.config.hidden_size,
                                  dtype=self.model.config.dtype, device=self.device)  # [T, hidden]
             dist.recv(hidden, prev, group=data)
-            start = _now(self.device)
+            start = timer.begin()
             meta, positions, rows = _stage_metadata(chunks, self.block_manager, self.device)
             hidden = self.model(hidden, positions, self.kv_cache.by_layer(), meta)
             if nxt is None:
                 self._sample(chunks, hidden, rows, tokens, logits)
-            busy += _now(self.device) - start
+            timer.end(start)
             if nxt is not None:  # asynchronous: the next micro-batch is computed meanwhile
                 hidden = hidden.contiguous()
                 sends.append((dist.isend(hidden, nxt, group=data), hidden))
-        stage_busy = recv_object(prev, control) | {self.rank: busy}
+        stage_busy = recv_object(prev, control) | {self.rank: timer.total()}
         for work, _tensor in sends:
             work.wait()
         if nxt is not None:
@@ -252,17 +278,17 @@ class PipelineRunner:
         nxt, control, data = self.layout.next_rank(self.rank), self.layout.control_group, self.layout.data_group
         send_object(step, nxt, control)
         requests = {c.request.request_id: c.request for c in plan.chunks}
-        started = _now(self.device)
-        busy, sends = 0.0, []
+        started = time.perf_counter()
+        timer, sends = _ComputeTimer(self.device), []
         for chunks in step.micro_batches:
-            start = _now(self.device)
+            start = timer.begin()
             ids = [t for c in chunks for t in requests[c.request_id].token_ids[c.start:c.start + c.num_tokens]]
             meta, positions, _rows = _stage_metadata(chunks, self.block_manager, self.device)
             hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), positions,
                                 self.kv_cache.by_layer(), meta).contiguous()  # [T, hidden]
-            busy += _now(self.device) - start
+            timer.end(start)
             sends.append((dist.isend(hidden, nxt, group=data), hidden))  # the next stage starts now
-        send_object({self.rank: busy}, nxt, control)
+        send_object({self.rank: timer.total()}, nxt, control)
         for work, _tensor in sends:
             work.wait()
         result: StageResult = recv_object(self.layout.last, control)
