@@ -12,9 +12,8 @@ httpx = pytest.importorskip("httpx")
 from kunserve import LLM, SamplingParams  # noqa: E402
 from kunserve.bench._launch import LocalCluster  # noqa: E402
 from test_cluster_serve import assert_clean_exit  # noqa: E402
+from test_drop_serve import PROMPTS, burst, metric_values  # noqa: E402  (the same burst as the drop test)
 
-PROMPTS = [[1 + (7 * i + 3 * j) % 300 for j in range(n)]
-           for i, n in enumerate([2, 3, 5, 8, 13, 17, 24, 31, 20, 4, 9, 12, 6, 7, 15, 22])]
 # 12 blocks of 4 tokens per instance: the burst's 8 requests per instance cannot all stay
 # resident, so running requests are preempted (and swapped) again and again.
 SERVE_ARGS = ["--num-kv-blocks", "12", "--block-size", "4", "--max-model-len", "48",
@@ -27,24 +26,6 @@ def reference(llama_dir):
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions == 0
     return [o.outputs[0].text for o in outputs]
-
-
-def metric_values(text: str) -> dict[str, float]:
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
-
-
-async def burst(base_url: str) -> list[dict]:
-    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
-        bodies = [{"model": "tiny", "prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
-                  for p in PROMPTS]
-        responses = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
-    assert [r.status_code for r in responses] == [200] * len(PROMPTS)  # no request lost
-    return [r.json() for r in responses]
 
 
 def summed(metrics: dict[str, float], name: str) -> float:
