@@ -1,7 +1,8 @@
 """Pipeline bubbles of a 2-stage group under a burst: one micro-batch per step vs token-budget
-(Sarathi-style) vs lookahead (equal-cost halves under the fitted cost model), issue 7.
+(Sarathi-style) vs lookahead (equal-cost halves under the fitted cost model), each with the
+group's steps overlapped across stages (``--pipeline-overlap on``) and in lockstep (off), issue 7.
 
-    python benchmarks/pipeline_bubble.py [--hidden 256] [--layers 4] [--num-prompts 48]
+    python benchmarks/pipeline_bubble.py [--hidden 256] [--layers 4] [--num-prompts 48] [--overlap on off]
 
 A random Llama of the given size is written with transformers, profiled on this CPU with
 ``python -m kunserve.profile`` (the lookahead policy's cost model and MIN tokens), then served by
@@ -39,8 +40,8 @@ def pipeline_metrics(base_url: str) -> dict[str, float]:
     return values
 
 
-def run_policy(model: Path, profile: Path, policy: str, args) -> dict:
-    serve_args = ["--policy", "vllm-pp", "--micro-batching", policy, "--block-size", "16",
+def run_policy(model: Path, profile: Path, policy: str, overlap: str, args) -> dict:
+    serve_args = ["--policy", "vllm-pp", "--micro-batching", policy, "--pipeline-overlap", overlap, "--block-size", "16",
                   "--max-model-len", str(2 * args.input_len + args.output_len),  # len-jitter 0.5 stays inside
                   "--max-num-batched-tokens", str(args.budget), "--num-kv-blocks", str(args.kv_blocks)]
     if policy == "token-budget":
@@ -69,6 +70,9 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=2048, help="--max-num-batched-tokens of the group")
     p.add_argument("--kv-blocks", type=int, default=2048)
     p.add_argument("--profile", type=Path, default=None, help="reuse a profile JSON instead of profiling")
+    p.add_argument("--overlap", nargs="+", default=["on", "off"], choices=["on", "off"],
+                   help="--pipeline-overlap settings to run (on: steps in flight across stages; off: lockstep)")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kunserve-bubble-"))
     model = make_tiny_checkpoint(work / "model", hidden_size=args.hidden, intermediate_size=4 * args.hidden,
@@ -80,13 +84,14 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "kunserve.profile", "--model", str(model), "--out", str(profile),
                         "--max-batch-tokens", str(args.budget), "--max-context", str(2 * args.input_len + args.output_len)],
                        check=True)
-    rows = {policy: run_policy(model, profile, policy, args) for policy in POLICIES}
-    print(f"\n{'micro-batching':>14} {'bubble':>7} {'idle r0':>8} {'idle r1':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+    rows = {f"{policy}/overlap-{overlap}": run_policy(model, profile, policy, overlap, args)
+            for overlap in args.overlap for policy in args.policies}
+    print(f"\n{'micro-batching':>24} {'bubble':>7} {'idle r0':>8} {'idle r1':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'TPOT p50':>9} {'tok/s':>7}")
     for policy, m in rows.items():
         pm = m["pipeline"]
         idle = [pm.get(f'pipeline_idle_fraction{{rank="{r}"}}', 0.0) for r in (0, 1)]
-        print(f"{policy:>14} {pm['pipeline_bubble_fraction']:>7.1%} {idle[0]:>8.1%} {idle[1]:>8.1%} "
+        print(f"{policy:>24} {pm['pipeline_bubble_fraction']:>7.1%} {idle[0]:>8.1%} {idle[1]:>8.1%} "
               f"{m['ttft_s']['median'] * 1e3:>9.1f} {m['ttft_s']['p99'] * 1e3:>9.1f} {m['tpot_s']['median'] * 1e3:>9.1f} "
               f"{m['output_throughput']:>7.1f}")
     print(json.dumps({"bench": "pipeline_bubble", **{k: str(v) for k, v in vars(args).items()},

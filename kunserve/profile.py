@@ -5,12 +5,13 @@
 
 Builds kunserve's own model and paged KV cache (no engine, no scheduler), times real forward
 passes (the engine's eager path: Triton attention on CUDA, the reference attention elsewhere)
-over a randomised grid of batches, fits ``CostModel`` (and its paper form, ``g = 0``) and
-``TokenLinearModel`` on a training split, scores them on the held-out rest, derives MIN
+over a randomised grid of batches, fits ``CostModel`` (with its weight-read floor and
+longest-context terms; also the additive model without them and the paper's form, ``g = 0``)
+and ``TokenLinearModel`` on a training split, scores them on the held-out rest, derives MIN
 tokens, and writes
 
-    {cost_model, token_linear, min_tokens, device, model, errors: {...}, samples: n,
-     whole_grid: {...}, by_target: {...}, ...}
+    {cost_model, cost_model_additive, cost_model_paper, token_linear, min_tokens, device, model,
+     errors: {...}, samples: n, whole_grid: {...}, by_target: {...}, ...}
 
 which ``kunserve.policy.cost_model.Profile.from_json`` reads back. ``--samples-out`` saves every
 measured batch; ``--refit`` fits saved batches again without measuring.
@@ -21,8 +22,8 @@ land in one phase); per batch the median (or ``--statistic min``). Two targets o
 (until ``torch.cuda.synchronize``) and ``gpu`` (CUDA events behind a GPU sleep that hides the
 host's launches); the top-level models fit ``gpu`` where measured (``--target``).
 
-Fit domain: the top-level models are fitted on batches of >= MIN / 4 tokens
-(``--fit-min-tokens``), where the lookahead batcher uses them; ``whole_grid`` is fitted on all.
+Fit domain: every batch (``--fit-min-tokens N`` restricts the top-level models to batches of
+>= N tokens); ``whole_grid`` is always the fit on every batch.
 
 The grid (``make_grid``), every batch within ``--max-context`` per request and
 ``--max-batch-tokens`` per batch:
@@ -365,32 +366,38 @@ def score(models: dict, samples: list[BatchSample]) -> dict:
 
 
 def fit_models(train: list[BatchSample]) -> dict:
-    return {"cost_model": CostModel.fit(train), "cost_model_paper": CostModel.fit(train, prefix_read=False),
+    """The profile's model (floor and longest-context terms), the additive model it replaced,
+    the paper's form (g = 0) and the token-linear baseline."""
+    return {"cost_model": CostModel.fit(train, floor=True, context=True),
+            "cost_model_additive": CostModel.fit(train),
+            "cost_model_paper": CostModel.fit(train, prefix_read=False),
             "token_linear": TokenLinearModel.fit(train)}
 
 
 def fit_report(samples: list[BatchSample], train_fraction: float, min_fraction: float, seed: int,
                fit_min_tokens: int | None = None) -> dict:
-    """Fit on the training split's batches of >= ``fit_min_tokens`` tokens (default MIN / 4)
-    and score on held-out subsets; ``whole_grid`` repeats it fitted on every batch.
+    """Fit on the training split's batches of >= ``fit_min_tokens`` tokens (default: all of
+    them) and score on held-out subsets; ``whole_grid`` is the fit on every batch (the same
+    models unless ``fit_min_tokens`` > 1).
 
-    Why a lower bound: below a few hundred tokens a forward is bound by reading the weights
-    (and, on the wall clock, by launching the kernels): its time is flat in the batch's shape,
-    a roofline knee that no additive per-chunk model follows, and those batches would pull the
-    per-token slope down by half. The lookahead batcher forms micro-batches of >= MIN tokens
-    (smaller only when the whole queue is), so the model it loads is fitted where it is used;
-    MIN / 4 leaves a margin and twice the batches of fitting at MIN.
+    Every batch by default because the cost model now has the two terms that batches below a
+    few hundred tokens need (the weight-read floor, the longest context of a prefill-kernel
+    batch); without them those batches pulled the per-token slope down by a quarter, so the
+    profile used to fit only from MIN / 4. The operating range of the lookahead batcher (>= MIN
+    tokens, >= MIN / 4 with margin) is still scored on its own.
     """
     train, held = split_samples(samples, train_fraction, seed)
     min_tokens = min_tokens_from_sweep(samples, min_fraction)
-    fit_min = max(1, min_tokens // 4) if fit_min_tokens is None else fit_min_tokens
+    fit_min = fit_min_tokens or 1
+    margin = max(1, min_tokens // 4)
 
     def report(lower: int) -> dict:
         in_range = [s for s in train if s.num_tokens >= lower]
         models = fit_models(in_range)
+        at_least = {n: score(models, [s for s in held if s.num_tokens >= n]) for n in sorted({lower, margin})}
         errors = {
             "held_out": score(models, held),
-            f"held_out_at_least_{lower}_tokens": score(models, [s for s in held if s.num_tokens >= lower]),
+            **{f"held_out_at_least_{n}_tokens": e for n, e in at_least.items()},
             "held_out_at_least_min_tokens": score(models, [s for s in held if s.num_tokens >= min_tokens]),
             "held_out_by_kind": {k: score(models, [s for s in held if s.kind == k]) for k in KINDS},
             "train": score(models, in_range),
@@ -398,7 +405,9 @@ def fit_report(samples: list[BatchSample], train_fraction: float, min_fraction: 
         return {**{name: m.to_dict() for name, m in models.items()}, "fit_min_tokens": lower,
                 "train_samples": len(in_range), "errors": errors}
 
-    return {**report(fit_min), "whole_grid": report(1), "min_tokens": min_tokens, "samples": len(samples),
+    top = report(fit_min)
+    whole = top if fit_min <= 1 else report(1)
+    return {**top, "whole_grid": whole, "min_tokens": min_tokens, "samples": len(samples),
             "held_out_samples": len(held)}
 
 
@@ -432,7 +441,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-fraction", type=float, default=0.7)
     p.add_argument("--min-fraction", type=float, default=0.9)
     p.add_argument("--fit-min-tokens", type=int, default=None,
-                   help="fit on batches of at least this many tokens (default: MIN tokens / 4; 1 = all)")
+                   help="fit the top-level models on batches of at least this many tokens (default: all)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-gib", type=float, default=None,
                    help="KV cache ceiling (default: CUDA free memory less 8 GiB; 1 GiB elsewhere)")
@@ -628,22 +637,27 @@ def measure(harness: ForwardHarness, grid, repeats: int, warmup: int, time_limit
 def print_summary(result: dict) -> None:
     print(f"profile: {result['model']} on {result['device']} ({result['dtype']}), target {result['target']}, "
           f"{result['samples']} batches ({result['held_out_samples']} held out), MIN tokens {result['min_tokens']}")
-    for title, part in (("fitted on batches >= {} tokens", result), ("fitted on every batch ({})", result["whole_grid"])):
+    margin = max(1, result["min_tokens"] // 4)
+    parts = [(result, "every batch" if result["fit_min_tokens"] <= 1 else "batches >= {} tokens")]
+    if result["fit_min_tokens"] > 1:
+        parts.append((result["whole_grid"], "every batch"))
+    for part, domain in parts:
         e, lower = part["errors"], part["fit_min_tokens"]
-        print(f"  {title.format(lower)}: {part['train_samples']} training batches")
+        print(f"  fitted on {domain.format(lower)}: {part['train_samples']} training batches")
         rows = [("held out, all", e["held_out"])]
-        if lower > 1:
-            rows.append((f"held out, >= {lower} tokens", e[f"held_out_at_least_{lower}_tokens"]))
+        rows += [(f"held out, >= {n} tokens", e[f"held_out_at_least_{n}_tokens"])
+                 for n in sorted({lower, margin} - {1})]
         rows.append(("held out, >= MIN tokens", e["held_out_at_least_min_tokens"]))
         rows += [(f"  all held out: {k}", v) for k, v in e["held_out_by_kind"].items()]
-        print(f"    {'mean relative error':<28}  cost model  paper form  token-linear     n")
+        print(f"    {'mean relative error':<28}  cost model    additive  paper form  token-linear     n")
         for label, v in rows:
             if v["n"]:
-                print(f"    {label:<28}  {v['cost_model']:>10.1%}  {v['cost_model_paper']:>10.1%}  "
-                      f"{v['token_linear']:>12.1%}  {v['n']:>4}")
+                print(f"    {label:<28}  {v['cost_model']:>10.1%}  {v['cost_model_additive']:>10.1%}  "
+                      f"{v['cost_model_paper']:>10.1%}  {v['token_linear']:>12.1%}  {v['n']:>4}")
         m = part["cost_model"]
         print(f"    cost model: a={m['a']:.3e} b={m['b']:.3e} f={m['f']:.3e} d={m['d']:.3e} "
-              f"lambda={m['lambda']:.3e} g={m['g']:.3e}")
+              f"lambda={m['lambda']:.3e} g={m['g']:.3e} floor={m['floor']:.3e} knee_tokens={m['knee_tokens']} "
+              f"h={m['h']:.3e}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="token-budget: tokens per micro-batch (default: --max-num-batched-tokens / 2)")
     p.add_argument("--cost-profile", default=None,
                    help="lookahead: profile JSON written by `python -m kunserve.profile` on this device")
+    p.add_argument("--pipeline-overlap", default="on", choices=["on", "off"],
+                   help="on: a pipeline keeps one step per stage in flight, stepping its requests in "
+                        "that many sets (vLLM's virtual engines); off: lockstep, every step drains the pipeline")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     if args.micro_batching == "lookahead" and args.cost_profile is None:
@@ -185,9 +188,11 @@ def build_rank(engine: LLMEngine, rank: int, world_size: int, group, args: argpa
     layout = GroupLayout(tuple(range(rank - rank % size, rank - rank % size + size)), group, None)
     if rank == layout.leader:
         engine.runner = PipelineRunner(engine.model, engine.kv_cache, engine.block_manager, engine.scheduler,
-                                       engine.device, rank, layout, engine.config.seed, batcher=micro_batcher(args))
+                                       engine.device, rank, layout, engine.config.seed, batcher=micro_batcher(args),
+                                       overlap=args.pipeline_overlap == "on")
         return None
-    return StageWorker(engine.model, engine.kv_cache, engine.block_manager, engine.device, rank, layout)
+    return StageWorker(engine.model, engine.kv_cache, engine.block_manager, engine.device, rank, layout,
+                       overlap=args.pipeline_overlap == "on")
 
 
 def serve_rank0(engine: LLMEngine, world_size: int, group, args: argparse.Namespace) -> None:
@@ -201,7 +206,8 @@ def serve_rank0(engine: LLMEngine, world_size: int, group, args: argparse.Namesp
         drop = DropController(weight_layout_of(engine.memory, engine.model_config.num_layers),
                               engine.memory.block_bytes, engine.memory.unified.kv_mapped_bytes,
                               OverloadRules(args.restore_fraction, args.restore_hold_s),
-                              exchange_chunk_bytes=args.exchange_chunk_bytes, micro_batcher=micro_batcher(args))
+                              exchange_chunk_bytes=args.exchange_chunk_bytes, micro_batcher=micro_batcher(args),
+                              pipeline_overlap=args.pipeline_overlap == "on")
     driver = ClusterDriver(engine, world_size, group, args.pipeline_size, drop)
     if args.policy == "llumnix":
         driver.migration = MigrationCoordinator(MigrationPlanner(MigrationRules()))

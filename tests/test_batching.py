@@ -60,10 +60,14 @@ def queues(draw, max_requests=12, max_tokens=3000):
 
 @st.composite
 def cost_models(draw):
+    """Additive models, and models with a weight-read floor and a longest-context term (the
+    floor up to f·knee, the most a floor may be; h up to ~10 ms at an 8K context)."""
     coeff = lambda lo, hi: draw(st.one_of(st.just(0.0), st.floats(lo, hi)))  # noqa: E731
-    d = draw(st.floats(1e-4, 1e-2))
-    return CostModel(a=coeff(1e-10, 1e-8), b=coeff(1e-10, 1e-8), f=coeff(1e-6, 1e-4), d=d,
-                     lam=d * draw(st.floats(0, 1)), g=coeff(1e-9, 1e-7))
+    d, f = draw(st.floats(1e-4, 1e-2)), coeff(1e-6, 1e-4)
+    knee = draw(st.integers(1, 4096))
+    return CostModel(a=coeff(1e-10, 1e-8), b=coeff(1e-10, 1e-8), f=f, d=d, lam=d * draw(st.floats(0, 1)),
+                     g=coeff(1e-9, 1e-7), floor=f * knee * draw(st.sampled_from([0.0, 0.5, 1.0])),
+                     knee_tokens=knee, h=coeff(1e-8, 1.5e-6))
 
 
 # -- lookahead --------------------------------------------------------------------------------
@@ -120,6 +124,18 @@ def test_lookahead_cut_is_the_most_balanced_when_the_gap_is_monotone(queue, mode
     assert gap <= min(map(abs, gaps(model, batch))) * (1 + 1e-9) + 1e-15
 
 
+@settings(max_examples=200, deadline=None)
+@given(queue=queues(max_requests=6, max_tokens=300), model=cost_models(), extra=st.integers(1, 400))
+def test_batch_cost_never_falls_as_work_is_added(queue, model, extra):
+    # What the cut search stands on: across chunk boundaries the gap never falls.
+    batch = tuple(queue)
+    for i in range(1, len(batch)):
+        assert model.batch_cost(batch[:i + 1]) >= model.batch_cost(batch[:i]) - 1e-15
+    last = batch[-1]
+    longer = batch[:-1] + (ChunkWork(last.request_id, last.prefix, last.num_tokens + extra),)
+    assert model.batch_cost(longer) >= model.batch_cost(batch) - 1e-15
+
+
 def test_halves_within_one_percent_of_equal_cost_on_a_burst():
     # 40 queued prompts of mixed length and 64 running decodes over long contexts.
     queue = [ChunkWork(f"d{i}", 1000 + 97 * i, 1) for i in range(64)]
@@ -133,6 +149,49 @@ def test_halves_within_one_percent_of_equal_cost_on_a_burst():
     assert len(plan) >= 8 and all(tokens(b) >= 512 for b in plan)
     costs = [GPU_LIKE.batch_cost(b) for b in plan]
     assert max(costs) <= 1.05 * min(costs)
+
+
+def shipped_h100_model() -> CostModel:
+    from pathlib import Path
+
+    import kunserve
+    from kunserve.policy.cost_model import Profile
+
+    return Profile.from_json(Path(kunserve.__file__).parent / "data" / "profiles" / "h100-llama3-8b.json").cost_model
+
+
+def test_the_shipped_floor_model_is_cut_like_brute_force():
+    # The H100 profile's model has a weight-read floor and a longest-context term; small batches
+    # (below its knee, decodes over long contexts, a short prefill) are where both bind.
+    model = shipped_h100_model()
+    additive = attrs.evolve(model, floor=0.0, h=0.0)
+    assert model.floor > 0 and model.h > 0
+    queues_ = [
+        [ChunkWork(f"d{i}", 7000 + 13 * i, 1) for i in range(5)] + [ChunkWork("p", 0, 150)],
+        [ChunkWork("c", 6000, 40), ChunkWork("d", 8000, 1), ChunkWork("p", 0, 90)],
+        [ChunkWork("p", 0, 300)],
+        [ChunkWork(f"d{i}", 500 * i, 1) for i in range(12)],
+    ]
+    context_bound = 0
+    for queue in queues_:
+        batch = tuple(queue)
+        left, right = LookaheadBatcher(model, 1).split(batch)
+        assert max(tokens(left), tokens(right)) < model.knee_tokens  # the floor is in both halves
+        context_bound += model.batch_cost(right) > additive.batch_cost(right) + model.floor * (
+            1 - tokens(right) / model.knee_tokens) + 1e-12
+        gap = abs(model.batch_cost(left) - model.batch_cost(right))
+        assert gap <= min(map(abs, gaps(model, batch))) * (1 + 1e-9) + 1e-15
+    assert context_bound >= 2
+
+
+def test_the_shipped_floor_model_balances_a_burst():
+    model = shipped_h100_model()
+    queue = [ChunkWork(f"d{i}", 1000 + 97 * i, 1) for i in range(64)]
+    queue += [ChunkWork(f"p{i}", 0, 200 + (i * 337) % 3000) for i in range(40)]
+    plan = LookaheadBatcher(model, 2048).form(queue)
+    check_plan(queue, plan)
+    costs = [model.batch_cost(b) for b in plan]
+    assert len(plan) >= 8 and max(costs) <= 1.02 * min(costs)
 
 
 def test_a_long_prompt_is_cut_before_its_middle_with_exact_prefix():

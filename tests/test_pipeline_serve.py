@@ -34,10 +34,13 @@ async def complete_all(base_url: str, prompts, **sampling) -> list[dict]:
     return [r.json() for r in responses]
 
 
-@pytest.mark.parametrize("nproc,pipeline", [(2, 2), (3, 3), (4, 2)], ids=["1x2-stages", "1x3-stages", "2x2-stages"])
-def test_pipeline_groups_are_token_exact(llama_dir, reference, nproc, pipeline):
+# Steps overlap across stages by default (request sets in flight); "lockstep" drains every step.
+@pytest.mark.parametrize("nproc,pipeline,overlap", [(2, 2, "on"), (3, 3, "on"), (4, 2, "on"), (2, 2, "off")],
+                         ids=["1x2-stages", "1x3-stages", "2x2-stages", "1x2-stages-lockstep"])
+def test_pipeline_groups_are_token_exact(llama_dir, reference, nproc, pipeline, overlap):
     greedy_ref, seeded_ref = reference
-    cluster = LocalCluster(llama_dir, nproc, [*SERVE_ARGS, "--pipeline-size", str(pipeline)], served_model_name="tiny")
+    cluster = LocalCluster(llama_dir, nproc, [*SERVE_ARGS, "--pipeline-size", str(pipeline), "--pipeline-overlap", overlap],
+                           served_model_name="tiny")
     try:
         greedy = asyncio.run(complete_all(cluster.base_url, PROMPTS, temperature=0))
         assert [o["choices"][0]["text"] for o in greedy] == greedy_ref

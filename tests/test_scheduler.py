@@ -161,3 +161,58 @@ def test_stop_token_and_eos_finish_with_stop():
     s.add(ignore)
     step(s, token=2)
     assert ignore.status is RequestStatus.RUNNING
+
+
+# -- virtual engines (an overlapped pipeline leader steps its requests in sets) -------------------
+
+def test_virtual_engine_steps_only_its_set_and_admits_into_it():
+    s = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=8)
+    for rid in "abcd":
+        s.add(req(rid, 4))
+    first = s.schedule(virtual_engine=0, num_virtual_engines=2)  # a, b fill the 8-token budget
+    assert plan_of(first) == [("a", 4), ("b", 4)]
+    second = s.schedule(virtual_engine=1, num_virtual_engines=2)  # a, b are in flight: not stepped
+    assert plan_of(second) == [("c", 4), ("d", 4)]
+    assert [r.virtual_engine for r in s.running] == [0, 0, 1, 1]
+    s.update(first, {"a": 7, "b": 7})
+    again = s.schedule(virtual_engine=0, num_virtual_engines=2)
+    assert plan_of(again) == [("a", 1), ("b", 1)]  # set 1's prefills still await their tokens
+
+
+def test_virtual_engine_preempts_only_within_its_set():
+    # 6 blocks of 4 tokens: a (set 0) and b, c (set 1) hold 2 blocks each, nothing free
+    s = Scheduler(BlockManager(num_blocks=6, block_size=4), max_num_seqs=8, max_num_batched_tokens=64)
+    s.add(req("a", 8))
+    s.update(s.schedule(virtual_engine=0, num_virtual_engines=2), {"a": 7})
+    s.add(req("b", 8))
+    s.add(req("c", 8))
+    s.update(s.schedule(virtual_engine=1, num_virtual_engines=2), {"b": 7, "c": 7})
+    out = s.schedule(virtual_engine=0, num_virtual_engines=2)  # a must grow to a 3rd block
+    # c (set 1, the newest) is in flight in the overlapped engine: a preempts itself, not c
+    assert out.preempted == ("a",) and plan_of(out) == []
+    assert {r.request_id for r in s.running} == {"b", "c"}
+
+
+def test_virtual_engines_rebalance_a_lopsided_set():
+    s = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=64)
+    for rid in "abcde":
+        s.add(req(rid, 2))
+    s.update(s.schedule(), {r: 7 for r in "abcde"})  # a single engine: every request in set 0
+    out = s.schedule(virtual_engine=0, num_virtual_engines=2)
+    # set 0 keeps 3 (within one of set 1's 2); the newest two move and run at set 1's step
+    assert plan_of(out) == [("a", 1), ("b", 1), ("c", 1)]
+    assert plan_of(s.schedule(virtual_engine=1, num_virtual_engines=2)) == [("d", 1), ("e", 1)]
+
+
+def test_a_result_for_a_request_preempted_or_aborted_meanwhile_is_dropped():
+    s = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=64)
+    for rid in "ab":
+        s.add(req(rid, 4))
+    in_flight = s.schedule(virtual_engine=0, num_virtual_engines=2)
+    a, b = (c.request for c in in_flight.chunks)
+    s.running.remove(a)
+    s.preempt(a)  # e.g. a weight restore's round took its blocks
+    s.finish(b, RequestStatus.FINISHED_ABORTED)
+    assert not any(s.is_current(c) for c in in_flight.chunks)
+    s.update(in_flight, {"a": 7, "b": 7})
+    assert a.num_computed_tokens == 0 and a.output_token_ids == [] and b.output_token_ids == []

@@ -7,6 +7,7 @@ import copy
 import json
 import random
 
+import attrs
 import numpy as np
 import pytest
 
@@ -116,6 +117,32 @@ def test_fast_forward_gives_the_same_per_request_times_as_step_by_step(runs, pol
         assert (log.times, log.preemptions, log.unit) == (other.times, other.preemptions, other.unit), request_id
 
 
+@pytest.mark.parametrize("policy, blocks", [("vllm", 4000), ("kunserve", 1500)])
+def test_fast_forward_equals_step_by_step_on_the_floored_h100_profile(policy, blocks, monkeypatch):
+    """The shipped H100 profile (weight-read floor below 215 tokens, context term): decode steps on
+    both sides of the knee, priced by the same function in stretches and in exact steps."""
+    profile = "kunserve/data/profiles/h100-llama3-8b.json"
+    widest = []
+    decode_seconds = FittedCost.decode_seconds
+
+    def spy(self, num_seqs, prefix_sum):
+        widest.append(int(np.max(num_seqs)))
+        return decode_seconds(self, num_seqs, prefix_sum)
+
+    monkeypatch.setattr(FittedCost, "decode_seconds", spy)
+    arrivals = traces.onoff_arrivals(600, 5.0, 600.0, 2.0, 0.5, seed=3)
+    trace = traces.synthetic_trace(arrivals, 200, 150, 0.8, seed=3)
+    exact, ff = (simulate(SimConfig(policy=policy, model="llama3-8b", profile=profile, instances=2,
+                                    num_kv_blocks=blocks, min_hold_s=1.0, fast_forward=fast), trace)
+                 for fast in (False, True))
+    knee = exact.config.cost.cost_model.knee_tokens
+    assert min(widest) < knee < max(widest), "decode steps on both sides of the floor's knee"
+    assert ff.steps_ff > ff.steps_exact and exact.unfinished == ff.unfinished == 0
+    for request_id, log in exact.logs.items():
+        other = ff.logs[request_id]
+        assert (log.times, log.preemptions, log.unit) == (other.times, other.preemptions, other.unit), request_id
+
+
 def _decoding_scheduler(seed: int, blocks: int, waiting: int = 0, max_seqs: int = 64) -> Scheduler:
     """A scheduler whose running requests are all past their prefill (+ optional queue)."""
     rng = random.Random(seed)
@@ -171,6 +198,39 @@ def test_fitted_decode_form_is_the_cost_models_own_batch_cost():
         expect = 1.5 * model.batch_cost(chunks)
         got = cost.decode_seconds(np.array([len(chunks)]), np.array([sum(c.prefix for c in chunks)]))[0]
         assert got == pytest.approx(expect, rel=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_fitted_decode_form_prices_the_weight_read_floor_on_both_sides_of_the_knee(scale):
+    # the shipped H100 profile's floor and knee (3.5 ms below 215 tokens), plus a context term
+    model = CostModel(a=2.5e-9, b=1.3e-9, f=1.77e-5, d=3.64e-3, lam=3.62e-3, g=4.3e-8, floor=3.51e-3,
+                      knee_tokens=215, h=1.29e-6)
+    cost = FittedCost(model, scale=scale)
+    rng = random.Random(1)
+    sizes = [1, 2, 37, 214, 215, 216, 252, 256, 600, 2048]
+    batches = [[ChunkWork(str(i), rng.randrange(0, 8192), 1) for i in range(n)] for n in sizes]
+    alive = np.array(sizes)  # [steps]
+    prefix = np.array([sum(c.prefix for c in chunks) for chunks in batches])  # [steps]
+    got = cost.decode_seconds(alive, prefix)  # [steps]: vectorised, as a fast-forwarded stretch prices
+    for n, chunks, seconds in zip(sizes, batches, got):
+        assert seconds == pytest.approx(scale * model.batch_cost(chunks), rel=1e-9), n
+        assert cost.decode_seconds(n, sum(c.prefix for c in chunks)) == seconds  # scalars: the same bits
+    # the h term never prices a decode-only batch (no chunk of > 1 token)
+    assert np.array_equal(got, FittedCost(attrs.evolve(model, h=0.0), scale=scale).decode_seconds(alive, prefix))
+    # above the knee the floor is gone: an affine probe of the floored model would under-price
+    affine = FittedCost(attrs.evolve(model, floor=0.0), scale=scale)
+    assert np.array_equal(got[alive >= 215], affine.decode_seconds(alive, prefix)[alive >= 215])
+    assert (got[alive < 215] > affine.decode_seconds(alive, prefix)[alive < 215]).all()
+
+
+def test_fitted_cost_rejects_a_model_whose_decode_form_it_cannot_price():
+    class Bent(CostModel):
+        def batch_cost(self, chunks):
+            chunks = list(chunks)
+            return super().batch_cost(chunks) + 1e-6 * len(chunks) ** 2
+
+    with pytest.raises(ValueError, match="one-token form"):
+        FittedCost(Bent(a=2e-9, b=1e-9, f=2e-5, d=4e-3, lam=3e-3))
 
 
 def test_one_micro_batch_through_a_pipeline_costs_the_forward_plus_the_hops():
@@ -251,3 +311,24 @@ def test_qwen72b_on_tp4_instances_drops_under_a_burst():
     tp4 = RooflineCost(run.config.shape, run.config.gpu_spec, 4)
     chunks = [ChunkWork(str(i), 1000, 1) for i in range(32)]
     assert one_gpu.batch_seconds(chunks) / 4 < tp4.batch_seconds(chunks) < one_gpu.batch_seconds(chunks) / 3
+
+
+def test_bubble_ablation_lookahead_shrinks_the_flow_shops_prefill_bubble(tmp_path):
+    """Issue 7's ablation (experiments.bubble_ablation): one 2-stage vllm-pp pipeline, a burst of
+    long prompts; in the lockstep flow shop lookahead's equal-cost micro-batches (MIN 256 on the
+    roofline) leave far less fill-and-drain than the 4,096-token budget's."""
+    from kunserve.sim.experiments import BurstWorkload, bubble_ablation, main
+
+    workload = BurstWorkload(base_rate=0.1, burst_requests=30, on_s=1.0, period_s=10.0, duration_s=10.0,
+                             input_len=2048, output_len=16)
+    rows = {(r["pipeline_overlap"], r["micro_batching"]): r for r in bubble_ablation(workload)}
+    assert len(rows) == 4 and all(r["unfinished"] == 0 for r in rows.values())
+    budget, lookahead = rows[False, "token-budget"], rows[False, "lookahead"]
+    assert lookahead["prefill_bubble_fraction"] < budget["prefill_bubble_fraction"] / 2
+    assert budget["bubble_fraction"] == budget["pipeline_bubble_fraction"]  # vllm-pp: every unit is a pipeline
+    # the overlapped model prices a step at its bottleneck stage: balanced micro-batches leave no bubble
+    assert rows[True, "lookahead"]["prefill_bubble_fraction"] < 0.01
+    out = tmp_path / "bubble.json"
+    assert main(["bubble", "--burst-requests", "10", "--duration-s", "5", "--period-s", "5", "--on-s", "1",
+                 "--output-len", "8", "--out", str(out)]) == 0
+    assert len(json.loads(out.read_text())) == 4

@@ -18,8 +18,8 @@ Invariants of every plan (checked by the tests):
 recursively into two halves of (near) equal *cost* under a fitted ``CostModel``. The work is
 laid out as one token sequence (requests in queue order, each request's tokens in order) and a
 cut is a position in it; a request straddling the cut is chunked there. The cost gap between
-the halves is monotone across chunk boundaries and convex inside a chunk, so the balanced cut
-is found by a scan over chunk boundaries and a bisection inside the straddling chunk.
+the halves never falls across chunk boundaries, so the balanced cut is found by a scan over
+chunk boundaries and a bisection on the gap's sign inside the straddling chunk.
 
 Splitting is level by level: every micro-batch of a level is halved, or none is. The recursion
 stops at the first level where some micro-batch's balanced cut would leave a half below
@@ -39,7 +39,7 @@ from typing import Sequence
 
 import attrs
 
-from kunserve.policy.cost_model import ChunkWork, CostModel
+from kunserve.policy.cost_model import BatchShape, ChunkWork, CostModel
 
 MicroBatch = tuple[ChunkWork, ...]
 
@@ -93,32 +93,37 @@ class LookaheadBatcher:
     def _balanced_cut(self, batch: MicroBatch, total: int) -> int:
         """The token position in [1, total − 1] that best balances the halves' costs.
 
-        gap(pos) = cost(left) − cost(right). At chunk boundaries it never falls (moving a
-        whole chunk leftwards adds its cost minus λ to the left, with λ ≤ d). Inside a chunk
-        it is convex in the cut offset t (its t² coefficient is a ≥ 0) but need not be
-        monotone: the right piece's prefix grows with t, so with a > 2b or g > 0 its cost can
-        rise.
-        Convexity still gives one crossing in the first chunk whose end has gap ≥ 0, and
-        {t : gap ≥ 0} is an interval ending at the chunk's end, so bisect there; then keep the
-        position closest to balance among both sides of the crossing and the chunk's ends.
-        Every earlier position has a gap ≤ the chunk start's (< 0), so none is better; a later
-        chunk can only dip below zero between two positive ends, which the tests bound to one
-        token's cost from the best cut.
+        gap(pos) = cost(left) − cost(right). At chunk boundaries it never falls: moving a whole
+        chunk leftwards adds it to the left and takes it from the right, and a batch's cost
+        never falls as chunks are added (λ ≤ d, the floor's slope ≤ f, the context term's max is
+        of non-decreasing terms). Inside a chunk it need not be monotone (the right piece's
+        prefix grows with the offset t: with a > 2b or g > 0 its cost can rise) nor, with the
+        floor or the context term, convex. So: scan the boundaries for the first chunk whose end
+        has gap ≥ 0 and bisect inside it on the sign of the gap. The bisection keeps gap(lo − 1)
+        < 0 ≤ gap(hi), so it ends on a sign change: the cut found is within one token's step
+        of zero whatever the gap's shape, and exact where the gap is monotone (a ≤ 2b, g = 0;
+        both checked against brute force). Then keep the position closest to balance among both
+        sides of the crossing and the chunk's ends (a first chunk whose first token already
+        outweighs the rest, or a last one that outweighs everything before it, has no crossing).
         """
         m = self.cost_model
-        costs = [m.chunk_cost(c) for c in batch]
-        k, before, after, start = len(batch), 0.0, sum(costs), 0
+        shapes = [m.chunk_shape(c) for c in batch]
+        after = [BatchShape()] * (len(batch) + 1)  # after[i]: chunks i, i + 1, ... together
+        for i in reversed(range(len(batch))):
+            after[i] = shapes[i] + after[i + 1]
+        k, before, start = len(batch), BatchShape(), 0
         for i, chunk in enumerate(batch):
-            after -= costs[i]  # the chunks right of chunk i
+            through = before + shapes[i]  # chunks 0 .. i
             c = chunk.num_tokens if i < k - 1 else chunk.num_tokens - 1  # keep the right half non-empty
 
             def gap(t: int) -> float:  # the cut after t tokens of chunk i
-                left = before + m.chunk_cost(ChunkWork(chunk.request_id, chunk.prefix, t)) - i * m.lam
-                rest = ([ChunkWork(chunk.request_id, chunk.prefix + t, chunk.num_tokens - t)]
-                        if t < chunk.num_tokens else [])
-                n_right = len(rest) + (k - i - 1)
-                right = sum(m.chunk_cost(r) for r in rest) + after - max(n_right - 1, 0) * m.lam
-                return left - right
+                if t == 0:  # chunk boundaries
+                    return m.shape_cost(before) - m.shape_cost(after[i])
+                if t == chunk.num_tokens:
+                    return m.shape_cost(through) - m.shape_cost(after[i + 1])
+                head = ChunkWork(chunk.request_id, chunk.prefix, t)
+                tail = ChunkWork(chunk.request_id, chunk.prefix + t, chunk.num_tokens - t)
+                return m.shape_cost(before + m.chunk_shape(head)) - m.shape_cost(m.chunk_shape(tail) + after[i + 1])
 
             if c >= 1 and (i == k - 1 or gap(c) >= 0):
                 lo, hi = 1, c
@@ -128,17 +133,10 @@ class LookaheadBatcher:
                         hi = mid
                     else:
                         lo = mid + 1
-                # Either side of the crossing, and the chunk's ends: where a convex gap that has
-                # not crossed zero (a last chunk that outweighs the rest) comes closest to it.
-                candidates = sorted({start + t for t in (0, 1, lo - 1, lo, c)} - {0, total})
-                return min(candidates, key=lambda pos: abs(self._gap(batch, pos)))
-            before += costs[i]
-            start += chunk.num_tokens
+                candidates = sorted({t for t in (0, 1, lo - 1, lo, c) if 0 < start + t < total})
+                return start + min(candidates, key=lambda t: abs(gap(t)))
+            before, start = through, start + chunk.num_tokens
         return total - 1  # the last chunk is one token and still outweighs all the rest
-
-    def _gap(self, batch: MicroBatch, pos: int) -> float:
-        left, right = cut_at(batch, pos)
-        return self.cost_model.batch_cost(left) - self.cost_model.batch_cost(right)
 
 
 def cut_at(batch: Sequence[ChunkWork], pos: int) -> tuple[MicroBatch, MicroBatch]:

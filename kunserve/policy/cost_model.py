@@ -10,9 +10,30 @@ tokens are already in the KV cache costs
   + d       per chunk: its own launch / metadata / logits row
   + g·p     reading the prefix's KV once per chunk (extension, see below; 0 in the paper)
 
-and a micro-batch of ``k`` chunks costs ``Σ chunk costs − (k − 1)·λ``: a batch reads the
-weights and launches its kernels once, so every chunk after the first saves the shared part
-``λ`` of ``d``. ``λ ≤ d`` is required (otherwise adding a chunk would make a batch cheaper).
+and a micro-batch of ``k`` chunks (``T`` new tokens) costs ``Σ chunk costs − (k − 1)·λ``: a batch
+reads the weights and launches its kernels once, so every chunk after the first saves the shared
+part ``λ`` of ``d``. ``λ ≤ d`` is required (otherwise adding a chunk would make a batch cheaper).
+
+Two batch-level terms are our additions (both optional, 0 in the paper and in old profiles):
+
+  + floor·max(0, 1 − T/knee_tokens)     the weight-read floor (roofline knee)
+  + max(0, h·C − Σ (a·c·p + b·c² + g·p))  the longest context's latency, C = max (p + c),
+                                          only if some chunk has more than one token
+
+Why the floor: a batch's GEMMs cost ``max(floor, u·T)`` with ``u = floor / knee_tokens``: below
+the knee they wait for the weights to stream from memory (on the H100, Llama-3-8B: 6.8 ms at 16
+tokens, 8.4 ms at 256), above it they are compute bound. ``u`` is part of ``f``, so the term adds
+the difference ``max(0, floor − u·T)``; ``u ≤ f`` is required, so cost never falls as tokens are
+added. Only the token part is floored: a decode's KV read comes on top of the weight read (both
+are memory traffic, one after the other), so ``max(floor, whole batch)`` fits no better than no
+floor at all.
+
+Why ``h``: a batch with a multi-token chunk runs the prefill attention kernel for every sequence
+(decodes included), one program per 16-query tile that walks its sequence's whole context. When
+there are few tiles the kernel takes as long as its longest program, ``h`` per token of the
+longest context, not the sum of its work: its attention costs ``max(work, h·C)``. Decode-only
+batches run the split-K decode kernel and pay no such term, which keeps a decode-only batch's
+cost affine in its number of chunks and total prefix (up to ``knee_tokens`` chunks).
 
 Why ``g``: with the paper's four terms a decode (c = 1) pays ``a·p`` for its attention, the
 same per unit of c·p as a long prefill chunk. On a GPU the two differ ~10-30x: a decode
@@ -23,14 +44,19 @@ form, and both are fitted and scored by ``python -m kunserve.profile``.
 
 ``TokenLinearModel`` (``α·Σc + β``) is the token-count baseline the paper compares against.
 
-Fit: both are linear in their coefficients, so each is a least-squares solve over measured
-batches. Two choices, both because the target metric is *relative* error across batches
-whose times span two orders of magnitude: every row is divided by its measured time (so a
-10 ms batch counts as much as a 1 s one), and coefficients are kept non-negative (a negative
+Fit: the additive model is linear in its coefficients, so it is one least-squares solve over
+measured batches. Two choices, both because the target metric is *relative* error across
+batches whose times span two orders of magnitude: every row is divided by its measured time (so
+a 10 ms batch counts as much as a 1 s one), and coefficients are kept non-negative (a negative
 one would make some chunk shapes cost less than nothing and break the batcher's assumption
 that cost grows with the tokens taken). The batch model is solved as
 ``Σcp·a + Σc²·b + Σc·f + k·e + 1·λ (+ Σp·g)`` with ``e = d − λ ≥ 0``, so ``λ ≤ d`` holds by
-construction.
+construction. The two maxima are fitted without leaving least squares (``fit(floor=True,
+context=True)``): for a given knee, ``f·T + floor·max(0, 1 − T/knee) = f'·T + u·max(T, knee)``
+is linear (``f' = f − u ≥ 0``, ``u ≥ 0``), so the knee is a 1-D scan; for the context term each
+batch is assigned the branch of the max that binds and the solve is repeated until no batch
+changes branch (starting from both branches summed, at most 20 rounds; the round with the
+lowest error is kept, as an assignment can flip-flop between two).
 
 Decision-time code needs neither torch nor CUDA; fitting uses numpy.
 """
@@ -116,7 +142,26 @@ def as_sample(sample) -> BatchSample:
     return BatchSample(chunks, seconds)
 
 
-# -- the two models ---------------------------------------------------------------------------
+# -- the models ------------------------------------------------------------------------------
+@attrs.frozen
+class BatchShape:
+    """What a batch's cost depends on, gathered over its chunks by ``CostModel.shape``; the
+    shapes of two disjoint sets of chunks join with ``+`` (the batcher prices a cut from the
+    shapes of the chunks either side of it)."""
+
+    total: float = 0.0  # Σ chunk_cost
+    attention: float = 0.0  # Σ a·c·p + b·c² + g·p: the attention kernels' work (0 if h = 0: unused)
+    chunks: int = 0
+    tokens: int = 0
+    max_context: int = 0  # max over chunks of p + c
+    multi: bool = False  # some chunk has > 1 token: the batch runs the prefill attention kernel
+
+    def __add__(self, other: "BatchShape") -> "BatchShape":
+        return BatchShape(self.total + other.total, self.attention + other.attention,
+                          self.chunks + other.chunks, self.tokens + other.tokens,
+                          max(self.max_context, other.max_context), self.multi or other.multi)
+
+
 @attrs.frozen
 class CostModel:
     """Seconds of one forward pass; see the module docstring for the terms."""
@@ -127,24 +172,64 @@ class CostModel:
     d: float = attrs.field(validator=_non_negative_float)  # per chunk
     lam: float = attrs.field(validator=_non_negative_float)  # shared by a batch's chunks
     g: float = attrs.field(default=0.0, validator=_non_negative_float)  # per prefix token (KV read)
+    floor: float = attrs.field(default=0.0, validator=_non_negative_float)  # weight read, per batch
+    knee_tokens: int = attrs.field(default=1, validator=_positive_int)  # where the GEMMs reach it
+    h: float = attrs.field(default=0.0, validator=_non_negative_float)  # per longest-context token
 
     def __attrs_post_init__(self) -> None:
         if self.lam > self.d:
             raise ValueError(f"lam ({self.lam}) must be <= d ({self.d}): otherwise adding a chunk "
                              f"to a batch would lower its cost")
+        if self.floor > self.f * self.knee_tokens:
+            raise ValueError(f"floor ({self.floor}) must be <= f * knee_tokens ({self.f * self.knee_tokens}): "
+                             f"otherwise adding a token below the knee would lower a batch's cost")
 
-    KEYS = ("a", "b", "f", "d", "lambda")  # required in JSON; "g" is optional (default 0)
+    KEYS = ("a", "b", "f", "d", "lambda")  # required in JSON; "g", "floor" (+ "knee_tokens"), "h" optional
+
+    def chunk_attention(self, chunk: ChunkWork) -> float:
+        """The attention part of ``chunk_cost`` (what the context term is compared with)."""
+        c, p = chunk.num_tokens, chunk.prefix
+        return self.a * c * p + self.b * c * c + self.g * p
 
     def chunk_cost(self, chunk: ChunkWork) -> float:
         c, p = chunk.num_tokens, chunk.prefix
         return self.a * c * p + self.b * c * c + self.f * c + self.d + self.g * p
 
-    def batch_cost(self, chunks: Iterable[ChunkWork]) -> float:
-        total, k = 0.0, 0
+    def chunk_shape(self, chunk: ChunkWork) -> BatchShape:
+        """``shape((chunk,))`` without the loop (the batcher prices many one-chunk pieces)."""
+        c = chunk.num_tokens
+        return BatchShape(self.chunk_cost(chunk), self.chunk_attention(chunk) if self.h else 0.0, 1, c,
+                          chunk.end, c > 1)
+
+    def shape(self, chunks: Iterable[ChunkWork]) -> BatchShape:
+        total = attention = 0.0
+        k = tokens = max_context = 0
+        multi = False
         for chunk in chunks:
             total += self.chunk_cost(chunk)
+            if self.h:  # only the context term reads it
+                attention += self.chunk_attention(chunk)
             k += 1
-        return total - (k - 1) * self.lam if k else 0.0
+            tokens += chunk.num_tokens
+            max_context = max(max_context, chunk.end)
+            multi = multi or chunk.num_tokens > 1
+        return BatchShape(total, attention, k, tokens, max_context, multi)
+
+    def shape_cost(self, shape: BatchShape) -> float:
+        """Seconds of a batch of this shape. Every term is non-decreasing as chunks or tokens are
+        added (λ ≤ d, floor / knee_tokens ≤ f, the maxima of non-decreasing terms), which is
+        what the lookahead batcher's cut search relies on."""
+        if not shape.chunks:
+            return 0.0
+        cost = shape.total - (shape.chunks - 1) * self.lam
+        if self.floor:  # the GEMMs wait for the weights below the knee
+            cost += self.floor * max(0.0, 1.0 - shape.tokens / self.knee_tokens)
+        if self.h and shape.multi:  # the prefill kernel lasts at least its longest program
+            cost += max(0.0, self.h * shape.max_context - shape.attention)
+        return cost
+
+    def batch_cost(self, chunks: Iterable[ChunkWork]) -> float:
+        return self.shape_cost(self.shape(chunks))
 
     @staticmethod
     def features(chunks: Sequence[ChunkWork]) -> list[float]:
@@ -155,24 +240,42 @@ class CostModel:
                 float(sum(c.prefix for c in chunks))]
 
     @classmethod
-    def fit(cls, samples: Iterable, *, prefix_read: bool = True) -> "CostModel":
-        """Least squares over ``samples``; ``prefix_read=False`` fits the paper's form (g = 0)."""
-        columns = cls.features if prefix_read else (lambda chunks: cls.features(chunks)[:5])
-        a, b, f, e, lam, *g = _fit_relative(columns, samples)
-        return cls(a, b, f, e + lam, lam, g[0] if g else 0.0)
+    def fit(cls, samples: Iterable, *, prefix_read: bool = True, floor: bool = False,
+            context: bool = False) -> "CostModel":
+        """Least squares over ``samples``; ``prefix_read=False`` fits the paper's form (g = 0);
+        ``floor`` and ``context`` add the weight-read floor and the longest-context term (off by
+        default: the additive model is then the one plain solve it always was)."""
+        if not floor and not context:
+            columns = cls.features if prefix_read else (lambda chunks: cls.features(chunks)[:5])
+            a, b, f, e, lam, *g = _fit_relative(columns, samples)
+            return cls(a, b, f, e + lam, lam, g[0] if g else 0.0)
+        samples = [as_sample(s) for s in samples]
+        knees = _knee_candidates([s.num_tokens for s in samples]) if floor else [None]
+        fits = [_fit_batch_terms(samples, prefix_read, knee, context) for knee in knees]
+        return min(fits, key=lambda fitted: fitted[1])[0]
 
     def mean_relative_error(self, samples: Iterable) -> float:
         return mean_relative_error(self.batch_cost, samples)
 
     def to_dict(self) -> dict:
-        return {"form": "a*c*p + b*c^2 + f*c + d + g*p per chunk, minus (k-1)*lambda per batch; seconds",
-                "a": self.a, "b": self.b, "f": self.f, "d": self.d, "lambda": self.lam, "g": self.g}
+        return {"form": "a*c*p + b*c^2 + f*c + d + g*p per chunk, minus (k-1)*lambda per batch, plus "
+                        "floor*max(0, 1 - T/knee_tokens) (T = batch tokens), plus max(0, h*C - attention) "
+                        "(C = longest p + c, attention = sum of a*c*p + b*c^2 + g*p) if a chunk has > 1 "
+                        "token; seconds",
+                "a": self.a, "b": self.b, "f": self.f, "d": self.d, "lambda": self.lam, "g": self.g,
+                "floor": self.floor, "knee_tokens": self.knee_tokens, "h": self.h}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>", where: str = "") -> "CostModel":
         a, b, f, d, lam = _numbers(data, cls.KEYS, source, where)
-        (g,) = _numbers(data, ("g",), source, where) if "g" in data else (0.0,)
-        return _construct(cls, source, where, a, b, f, d, lam, g)
+        g, floor, h = (_numbers(data, (key,), source, where)[0] if key in data else 0.0
+                       for key in ("g", "floor", "h"))
+        knee = 1
+        if floor or "knee_tokens" in data:  # a floor needs its knee; without one it is unused
+            (knee,) = _numbers(data, ("knee_tokens",), source, where)
+            if knee != int(knee) or knee < 1:
+                raise ValueError(f"{source}: key {where + 'knee_tokens'!r} must be an int >= 1, got {knee!r}")
+        return _construct(cls, source, where, a, b, f, d, lam, g, floor, int(knee), h)
 
     def to_json(self, path: str | Path) -> None:
         _write_json(path, self.to_dict())
@@ -284,6 +387,78 @@ def _fit_relative(features, samples: Iterable) -> list[float]:
         raise ValueError(f"need at least {x.shape[1]} samples to fit {x.shape[1]} coefficients, "
                          f"got {x.shape[0]}")
     return [float(w) for w in nnls(x / y[:, None], np.ones_like(y))]
+
+
+_BRANCH_ROUNDS = 20  # solves per knee; on the H100 grid 4-6 on average, a few knees flip-flop to the cap
+
+
+def _knee_candidates(tokens: Sequence[int]) -> list[int | None]:
+    """Knees to scan: a quarter-octave ladder strictly inside the batches' token range (a knee
+    with no batch below it would extrapolate a floor nothing measured); [None] if there is none."""
+    lo, hi = min(tokens), max(tokens)
+    out, i = [], 0
+    while (knee := round(2 ** (i / 4))) < hi:
+        if knee > lo and knee not in out:
+            out.append(knee)
+        i += 1
+    return out or [None]
+
+
+def _fit_batch_terms(samples: list[BatchSample], prefix_read: bool, knee: int | None,
+                     context: bool) -> tuple[CostModel, float]:
+    """(model, RMS relative training error) with the floor's knee at ``knee`` tokens (None: no
+    floor) and, with ``context``, the longest-context term.
+
+    Columns (a, b, f − u, d − λ, λ[, g][, u][, h]): for a knee, ``f·T + floor·max(0, 1 − T/knee)
+    = (f − u)·T + u·max(T, knee)`` with ``floor = u·knee``, linear. The context term makes a
+    batch's attention ``max(work, h·C)``: each batch gets the columns of the branch that binds
+    (work: Σcp, Σc², Σp; latency: C), first both, then the one the last solve says binds, until
+    no batch changes branch.
+    """
+    rows = []
+    for s in samples:
+        ch = s.chunks
+        tokens = sum(c.num_tokens for c in ch)
+        rows.append((sum(c.num_tokens * c.prefix for c in ch), sum(c.num_tokens ** 2 for c in ch), tokens,
+                     len(ch), sum(c.prefix for c in ch), max(tokens, knee or 0),
+                     max(c.end for c in ch) if any(c.num_tokens > 1 for c in ch) else 0))
+    cp, cc, t, k, p, knee_t, longest = np.array(rows, dtype=np.float64).T  # each [n]
+    y = np.array([s.seconds for s in samples], dtype=np.float64)  # [n]
+    columns = [cp, cc, t, k, np.ones_like(y)] + [p] * prefix_read + [knee_t] * bool(knee)
+    x_work = np.stack(columns + [np.zeros_like(y)] * context, axis=1)  # [n, m]: attention = work
+    if x_work.shape[0] < x_work.shape[1]:
+        raise ValueError(f"need at least {x_work.shape[1]} samples to fit {x_work.shape[1]} coefficients, "
+                         f"got {x_work.shape[0]}")
+    x_latency, x = x_work.copy(), x_work  # latency: attention = h·C, the work columns give way
+    if context:
+        x_latency[:, [0, 1, 5] if prefix_read else [0, 1]] = 0.0
+        x_latency[:, -1] = longest
+        x = x_work.copy()
+        x[:, -1] = longest  # round 0: both branches summed
+    best, binds = None, None
+    for _ in range(_BRANCH_ROUNDS):
+        w = nnls(x / y[:, None], np.ones_like(y))
+        predicted = np.maximum(x_work @ w, x_latency @ w)  # [n]: the model (the max of both branches)
+        error = float(np.sqrt(np.mean((predicted / y - 1) ** 2)))
+        if best is None or error < best[1]:
+            best = (w, error)
+        now = x_latency @ w > x_work @ w  # [n]: where the longest context binds
+        if not context or (binds is not None and (now == binds).all()):
+            break
+        binds = now
+        x = np.where(binds[:, None], x_latency, x_work)
+    return _batch_terms_model(best[0], prefix_read, knee, context), best[1]
+
+
+def _batch_terms_model(w: np.ndarray, prefix_read: bool, knee: int | None, context: bool) -> CostModel:
+    """Coefficients (a, b, f − u, d − λ, λ[, g][, u][, h]) as a ``CostModel``."""
+    a, b, f_rest, e, lam, *rest = (float(v) for v in w)
+    g = rest.pop(0) if prefix_read else 0.0
+    u = rest.pop(0) if knee else 0.0
+    h = rest.pop(0) if context else 0.0
+    # f = (f − u) + u and floor = u·knee, so floor <= f·knee holds exactly in floating point too
+    return CostModel(a, b, f_rest + u, e + lam, lam, g, floor=u * knee if knee else 0.0,
+                     knee_tokens=knee or 1, h=h)
 
 
 def nnls(x: np.ndarray, y: np.ndarray, max_iter: int = 100) -> np.ndarray:

@@ -30,7 +30,7 @@ from kunserve.runtime.migration import (MigrationCommand, MigrationCoordinator, 
                                         run_migrations)
 from kunserve.runtime.pipeline import PipelineRunner, StageWorker, StepTiming
 from kunserve.runtime.regroup import MergeOrder, MergeStats, SplitOrder, merge_into_group, split_group
-from kunserve.runtime.transport import recv_object, send_object
+from kunserve.runtime.transport import PendingSends, recv_object, send_object
 from kunserve.runtime.weight_restore import begin_pull
 from kunserve.sampling_params import SamplingParams
 
@@ -79,6 +79,8 @@ class RankState:
     stage: StageWorker | None = None
     always_step: bool = False
     migrations: RankMigrations = attrs.Factory(RankMigrations)  # llumnix: migrations in flight here
+    deferred_step: bool = False  # an overlapped stage answered rank 0 and runs its step next
+    stage_error: str | None = None  # a deferred step's failure, for the next report
 
 
 def handle_command(state: RankState, command: StepCommand, group) -> StepReport:
@@ -90,6 +92,8 @@ def handle_command(state: RankState, command: StepCommand, group) -> StepReport:
             for r in command.new:
                 engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.arrival_time)
             outputs += [o for o in map(engine.abort_request, command.aborts) if o is not None]
+        if command.split is not None or command.merge is not None or command.shutdown:
+            outputs += _drain(state)  # a pipeline's steps in flight finish before it changes
         if command.split is not None and command.split.phase == "pull":
             return _begin_pull(state, command.split, group, outputs)
         if command.split is not None:
@@ -97,8 +101,15 @@ def handle_command(state: RankState, command: StepCommand, group) -> StepReport:
         if command.merge is not None:  # singles, leaders and stage members alike
             return _merge(state, command.merge, group, outputs)
         if state.stage is not None:
-            if not command.shutdown:
-                state.stage.step()
+            report = StepReport((), None, state.stage_error, **_exchange_progress(state.stage.exchange),
+                                **_restore_progress(state.stage))
+            state.stage_error = None
+            if command.shutdown:
+                return report
+            if state.stage.overlap:  # answer first: rank 0 goes on while this stage computes
+                state.deferred_step = True
+                return report
+            state.stage.step()
             return StepReport((), None, **_exchange_progress(state.stage.exchange), **_restore_progress(state.stage))
         migration = run_migrations(state, command.migration, group)  # llumnix: copy KV before the step
         if command.shutdown:
@@ -112,6 +123,28 @@ def handle_command(state: RankState, command: StepCommand, group) -> StepReport:
         log.error("instance %d step failed:\n%s", state.instance_id, error)
         outputs += [engine.abort_request(rid) for rid in list(engine.requests)]
         return StepReport(tuple(outputs), engine.snapshot(state.instance_id), error)
+
+
+def _drain(state: RankState) -> list[RequestOutput]:
+    """Finish an overlapped pipeline's steps in flight: the leader takes their results, a stage
+    waits until its sends were taken. No-op elsewhere."""
+    if state.stage is not None:
+        state.stage.flush()
+        return []
+    return state.engine.drain()
+
+
+def run_deferred_step(state: RankState) -> None:
+    """An overlapped stage's step, run after its report went to rank 0. A failure is logged and
+    rides on the next report (the leader's requests fail with the leader's own error)."""
+    if not state.deferred_step:
+        return
+    state.deferred_step = False
+    try:
+        state.stage.step()
+    except Exception:  # noqa: BLE001 - reported with the next step
+        state.stage_error = traceback.format_exc()
+        log.error("pipeline stage on rank %d failed:\n%s", state.rank, state.stage_error)
 
 
 def _leader_reports(runner) -> dict:
@@ -161,7 +194,14 @@ def run_rank(state: RankState, group) -> None:
     """A rank >= 1: serve rank 0's commands until it says shut down (or its connection drops)."""
     while True:
         command: StepCommand = recv_object(0, group)
-        send_object(handle_command(state, command, group), 0, group)
+        report = handle_command(state, command, group)
+        if state.deferred_step:  # the report goes without waiting: rank 0 takes it after its own step,
+            sent = PendingSends()  # which may wait on this stage (a KV exchange round)
+            sent.send_object(report, 0, group)
+            run_deferred_step(state)
+            sent.wait()
+        else:
+            send_object(report, 0, group)
         if command.shutdown:
             return
 
@@ -288,10 +328,15 @@ class ClusterDriver:
         local = _regroup_command(StepCommand(), merges.get(0))
         if self.migration is not None:  # llumnix: this step's migration tasks ride on the commands
             commands, local = self.migration.attach(commands, local, self.instance_rank)
+        # Sent without waiting: an overlapped pipeline stage takes its command only after it
+        # finished the previous step, and rank 0 computes its own stage meanwhile.
+        sent = PendingSends()
         for rank, command in commands.items():
-            send_object(command, rank, self.group)
+            sent.send_object(command, rank, self.group)
         reports = [handle_command(self.local_state, local, self.group)]
+        run_deferred_step(self.local_state)
         reports += [recv_object(rank, self.group) for rank in commands]
+        sent.wait()  # every rank answered, so it has its command
         outputs = [o for report in reports for o in self._absorb(report)]
         if self.migration is not None:  # before finished requests leave owner: it re-points migrated ones
             self.migration.after_step(self, reports)
@@ -345,7 +390,8 @@ class ClusterDriver:
 
     def shutdown(self) -> list[RequestOutput]:
         """Abort everything in flight and release the workers; returns the abort outputs."""
-        outputs = [self.local.abort_request(rid) for rid in list(self.local.requests)]
+        outputs = _drain(self.local_state)  # rank 0's own pipeline steps in flight (members wait on them)
+        outputs += [self.local.abort_request(rid) for rid in list(self.local.requests)]
         outputs = [o for o in outputs if o is not None]
         for rank in range(1, self.world_size):
             send_object(StepCommand(shutdown=True), rank, self.group)

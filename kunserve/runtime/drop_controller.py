@@ -35,11 +35,12 @@ class DropController:
     def __init__(self, layout: WeightLayout, full_block_bytes: int, kv_mapped_bytes: int,
                  rules: OverloadRules | None = None, max_group_size: int | None = None,
                  exchange_chunk_bytes: int = DEFAULT_EXCHANGE_CHUNK_BYTES, micro_batcher=None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, pipeline_overlap: bool = True):
         self.layout, self.full_block_bytes, self.kv_mapped_bytes = layout, full_block_bytes, kv_mapped_bytes
         self.planner = GreedyDropPlanner(layout, max_group_size)
         self.rules = rules or OverloadRules()
         self.exchange_chunk_bytes, self.micro_batcher = exchange_chunk_bytes, micro_batcher
+        self.pipeline_overlap = pipeline_overlap  # groups keep steps in flight (MergeOrder.overlap)
         self.clock = clock  # seconds; merge times, the restore hold, metrics (the simulator passes its own)
         self.drops = self.restores = self.fallbacks = self.bytes_exchanged = self.restore_bytes = 0
         self.groups: dict[int, tuple[MergeOrder, float]] = {}  # leader -> (order, merge time)
@@ -92,7 +93,8 @@ class DropController:
                 self.predicted_blocks.pop(source.members[0], None)
             for member in group.members:
                 self.freed[member] = self.freed.get(member, 0) + plan.freed_bytes.get(member, 0)
-            order = MergeOrder(group.members, group.slices, sources, self.exchange_chunk_bytes, self.micro_batcher)
+            order = MergeOrder(group.members, group.slices, sources, self.exchange_chunk_bytes, self.micro_batcher,
+                               self.pipeline_overlap)
             self.groups[group.members[0]] = (order, self.clock())
             self.predicted_blocks[group.members[0]] = self._predicted_capacity(group)
             log.info("drop: groups %s merge into pipeline %s with slices %s (predicted capacity %d blocks)",

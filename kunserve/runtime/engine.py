@@ -79,6 +79,7 @@ class LLMEngine:
         self.scheduler = self._make_scheduler()
         self.runner = self.make_runner()
         self.requests: dict[str, Request] = {}
+        self._next_virtual_engine = 0  # overlapped pipeline leaders step request sets in turn
         self._text_len: dict[str, int] = {}
         self._ids = itertools.count()
         log.info(
@@ -268,13 +269,42 @@ class LLMEngine:
 
     # -- stepping ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if getattr(self.runner, "overlap", False):
+            return self._overlapped_step()
         plan = self.scheduler.schedule()
         if self.swapper is not None:  # before the forward reuses the blocks swap-outs freed
             self.swapper.apply(plan, self.kv_cache.storage, self.block_manager.block_table)
         sampled = self.runner.execute(plan)
+        return self._apply(plan, sampled)
+
+    def _overlapped_step(self) -> list[RequestOutput]:
+        """A pipeline leader that keeps steps in flight (vLLM's virtual engines): step the next
+        request set, launch it into stage 0, and take the results of steps launched earlier,
+        keeping (stages - 1) in flight so every stage has a step to work on. A set is stepped
+        again only after its previous step's tokens are back: set i steps at steps i, i + n, ..."""
+        runner, sets = self.runner, self.runner.num_virtual_engines
+        virtual_engine, self._next_virtual_engine = self._next_virtual_engine, (self._next_virtual_engine + 1) % sets
+        runner.launch(self.scheduler.schedule(virtual_engine, sets))
+        outputs = []
+        while runner.num_in_flight > sets - 1:
+            outputs += self._apply(*runner.collect())
+        runner.after_step()
+        return outputs
+
+    def drain(self) -> list[RequestOutput]:
+        """Take every launched step's result (before the group regroups or shuts down)."""
+        outputs = []
+        while getattr(self.runner, "num_in_flight", 0):
+            outputs += self._apply(*self.runner.collect())
+        return outputs
+
+    def _apply(self, plan, sampled: dict[str, int]) -> list[RequestOutput]:
+        current = {c.request.request_id for c in plan.chunks if self.scheduler.is_current(c)}
         self.scheduler.update(plan, sampled)
         outputs = []
         for request_id in sampled:
+            if request_id not in current:
+                continue  # aborted or preempted while its overlapped step was in flight
             request = self.requests[request_id]
             self._check_stop_strings(request)
             outputs.append(self._output(request))

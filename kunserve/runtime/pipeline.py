@@ -23,6 +23,7 @@ that does not come. Control objects go on the gloo group; hidden states on the d
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import attrs
 import torch
@@ -36,7 +37,7 @@ from kunserve.runtime.kv_cache import PagedKVCache
 from kunserve.runtime.kv_exchange import KVExchange, LeaderExchange
 from kunserve.runtime.sampler import sample
 from kunserve.runtime.scheduler import SchedulerOutput
-from kunserve.runtime.transport import recv_object, send_object
+from kunserve.runtime.transport import PIPELINE_TAG, PendingSends, recv_object
 from kunserve.runtime.weight_restore import WeightRestore
 
 
@@ -76,9 +77,10 @@ class StageResult:
 
 @attrs.frozen
 class StepTiming:
-    """A group's step as the leader saw it: wall seconds from its first micro-batch to the
-    last stage's answer, and each member's compute seconds in it. A member is idle (a pipeline
-    bubble) for ``wall - busy``."""
+    """A group's step as the leader saw it: wall seconds since the previous step's result (or,
+    after an idle spell, since this step's launch) to this step's result, and each member's
+    compute seconds in the step. Over a run the walls add up to the time the group was busy,
+    host work between steps included; a member is idle (a pipeline bubble) for ``wall - busy``."""
 
     wall: float
     busy: dict[int, float]
@@ -187,22 +189,25 @@ class StageWorker:
     merge, until it is done) one round of the KV exchange."""
 
     def __init__(self, model, kv_cache: PagedKVCache, block_manager: BlockManager, device,
-                 rank: int, layout: GroupLayout, exchange: KVExchange | None = None):
+                 rank: int, layout: GroupLayout, exchange: KVExchange | None = None, overlap: bool = True):
         self.model, self.kv_cache, self.block_manager = model, kv_cache, block_manager
         self.device, self.rank, self.layout = torch.device(device), rank, layout
         self.exchange = exchange
+        self.overlap = overlap  # the leader keeps steps in flight (PipelineRunner.overlap): same in a group
+        self._pending: deque[PendingSends] = deque()  # per step, oldest first
         self.restore: WeightRestore | None = None  # set when the group's weights come back
 
     @torch.inference_mode()
     def step(self) -> None:
         prev, nxt = self.layout.prev_rank(self.rank), self.layout.next_rank(self.rank)
         control, data = self.layout.control_group, self.layout.data_group
-        step: StageStep = recv_object(prev, control)
+        sends = PendingSends()
+        step: StageStep = recv_object(prev, control, PIPELINE_TAG)
         if nxt is not None:
-            send_object(step, nxt, control)  # early, so the next stage is waiting for micro-batch 0
+            sends.send_object(step, nxt, control, PIPELINE_TAG)  # early, so the next stage is waiting for micro-batch 0
         for request_id in step.released:
             self.block_manager.free(request_id)
-        timer, sends, tokens, logits = _ComputeTimer(self.device), [], {}, {}
+        timer, tokens, logits = _ComputeTimer(self.device), {}, {}
         for chunks in step.micro_batches:
             hidden = torch.empty(sum(c.num_tokens for c in chunks), self.model.config.hidden_size,
                                  dtype=self.model.config.dtype, device=self.device)  # [T, hidden]
@@ -215,18 +220,31 @@ class StageWorker:
             timer.end(start)
             if nxt is not None:  # asynchronous: the next micro-batch is computed meanwhile
                 hidden = hidden.contiguous()
-                sends.append((dist.isend(hidden, nxt, group=data), hidden))
-        stage_busy = recv_object(prev, control) | {self.rank: timer.total()}
-        for work, _tensor in sends:
-            work.wait()
+                sends.add(dist.isend(hidden, nxt, group=data), hidden)
+        stage_busy = recv_object(prev, control, PIPELINE_TAG) | {self.rank: timer.total()}
         if nxt is not None:
-            send_object(stage_busy, nxt, control)
+            sends.send_object(stage_busy, nxt, control, PIPELINE_TAG)
         else:
-            send_object(StageResult(tokens, logits, stage_busy), self.layout.leader, control)
+            sends.send_object(StageResult(tokens, logits, stage_busy), self.layout.leader, control, PIPELINE_TAG)
+        self._settle(sends)
         if self.exchange is not None and not self.exchange.done:
             self.exchange.run_round()  # after the activations: they never wait behind KV
         if self.restore is not None and not self.restore.done:
             self.restore.run_round()  # likewise for the weights coming back
+
+    def _settle(self, sends: PendingSends) -> None:
+        """Lockstep: this step's sends complete now. Overlapped: the leader takes a step's result
+        only after launching (stages - 1) more steps, so up to that many steps' sends stay
+        pending here; older ones have been taken by now."""
+        self._pending.append(sends)
+        keep = len(self.layout.ranks) - 1 if self.overlap else 0
+        while len(self._pending) > keep:
+            self._pending.popleft().wait()
+
+    def flush(self) -> None:
+        """Wait until every send of this stage was received (before a regroup or shutdown)."""
+        while self._pending:
+            self._pending.popleft().wait()
 
     def _sample(self, chunks, hidden: torch.Tensor, rows: torch.Tensor, tokens: dict, logits_out: dict) -> None:
         completing = [c for c in chunks if c.completes]
@@ -238,13 +256,24 @@ class StageWorker:
         logits_out.update({c.request_id: logits[i].cpu() for i, c in enumerate(completing) if not c.greedy})
 
 
+@attrs.frozen
+class _Launched:
+    """A step stage 0 has run and sent on, awaiting the last stage's result."""
+
+    plan: SchedulerOutput
+    sends: PendingSends
+    started: float
+    has_work: bool
+
+
 class PipelineRunner:
     """The leader's runner: same ``execute(plan) -> {request_id: token}`` as ``ModelRunner``,
-    computed across the group. Tracks which requests the other stages hold blocks for."""
+    computed across the group, plus ``launch`` / ``collect`` for overlapped steps. Tracks which
+    requests the other stages hold blocks for."""
 
     def __init__(self, model, kv_cache: PagedKVCache, block_manager: BlockManager, scheduler, device,
                  rank: int, layout: GroupLayout, seed: int = 0, exchange: LeaderExchange | None = None,
-                 batcher=None):
+                 batcher=None, overlap: bool = True):
         self.model, self.kv_cache, self.block_manager = model, kv_cache, block_manager
         self.scheduler, self.device, self.rank, self.layout = scheduler, torch.device(device), rank, layout
         self._holding: set[str] = set()  # requests the members hold blocks for
@@ -253,6 +282,10 @@ class PipelineRunner:
         self.batcher = batcher  # micro-batch policy (policy/batching.py); None: one per step
         self.restore: WeightRestore | None = None  # set when the group's weights come back
         self.timings: list[StepTiming] = []  # since the owner last took them (``take_timings``)
+        # Overlapped: up to (stages - 1) launched steps await their result (see LLMEngine.step).
+        self.overlap = overlap
+        self._in_flight: deque[_Launched] = deque()
+        self._last_collected, self._streak = 0.0, False  # the previous result's time; had it work?
         if exchange is not None:
             self._holding |= set(exchange.start())
 
@@ -270,16 +303,37 @@ class PipelineRunner:
         timings, self.timings = self.timings, []
         return timings
 
+    @property
+    def num_virtual_engines(self) -> int:
+        """Request sets stepped in turn: one per stage when steps overlap, so the next set's
+        step enters stage 0 while the earlier sets' steps are still in the later stages."""
+        return len(self.layout.ranks) if self.overlap else 1
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> dict[str, int]:
+        """Lockstep: run one step through every stage and return its tokens."""
+        self.launch(plan)
+        _plan, tokens = self.collect()
+        self.after_step()
+        return tokens
+
+    @torch.inference_mode()
+    def launch(self, plan: SchedulerOutput) -> None:
+        """Send the step to the group and run stage 0 over its micro-batches; returns without
+        waiting for the later stages (``collect`` takes the result)."""
         step = self._stage_step(plan)
         if self._kv_exchange_pending:
             self.exchange.note_scheduled(c.request_id for c in step.chunks)
         nxt, control, data = self.layout.next_rank(self.rank), self.layout.control_group, self.layout.data_group
-        send_object(step, nxt, control)
+        sends = PendingSends()
+        sends.send_object(step, nxt, control, PIPELINE_TAG)
         requests = {c.request.request_id: c.request for c in plan.chunks}
         started = time.perf_counter()
-        timer, sends = _ComputeTimer(self.device), []
+        timer = _ComputeTimer(self.device)
         for chunks in step.micro_batches:
             start = timer.begin()
             ids = [t for c in chunks for t in requests[c.request_id].token_ids[c.start:c.start + c.num_tokens]]
@@ -287,18 +341,32 @@ class PipelineRunner:
             hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), positions,
                                 self.kv_cache.by_layer(), meta).contiguous()  # [T, hidden]
             timer.end(start)
-            sends.append((dist.isend(hidden, nxt, group=data), hidden))  # the next stage starts now
-        send_object({self.rank: timer.total()}, nxt, control)
-        for work, _tensor in sends:
-            work.wait()
-        result: StageResult = recv_object(self.layout.last, control)
-        if step.micro_batches:
-            self.timings.append(StepTiming(time.perf_counter() - started, result.busy))
+            sends.add(dist.isend(hidden, nxt, group=data), hidden)  # the next stage starts now
+        sends.send_object({self.rank: timer.total()}, nxt, control, PIPELINE_TAG)
+        self._in_flight.append(_Launched(plan, sends, started, bool(step.micro_batches)))
+
+    @torch.inference_mode()
+    def collect(self) -> tuple[SchedulerOutput, dict[str, int]]:
+        """Wait for the oldest launched step's result: (its plan, sampled tokens)."""
+        launched = self._in_flight.popleft()
+        launched.sends.wait()
+        result: StageResult = recv_object(self.layout.last, self.layout.control_group, PIPELINE_TAG)
+        now = time.perf_counter()
+        if launched.has_work:
+            # wall: since the previous result while steps with work follow each other (host work
+            # between steps is idle time for every stage, overlapped or not), else since launch
+            since = self._last_collected if self._streak else launched.started
+            self.timings.append(StepTiming(now - since, result.busy))
+        self._streak, self._last_collected = launched.has_work, now
+        return launched.plan, {**result.tokens, **self._sample_rows(launched.plan, result.logits)}
+
+    def after_step(self) -> None:
+        """This engine step's round of a running KV exchange or weight restore: exactly one per
+        step, as every member runs one after its part of each step."""
         if self._kv_exchange_pending:
             self._holding |= set(self.exchange.run_round())  # resumed: members hold their blocks
         if self.restore is not None and not self.restore.done:
             self.restore.run_round()
-        return {**result.tokens, **self._sample_rows(plan, result.logits)}
 
     def _sample_rows(self, plan: SchedulerOutput, rows: dict[str, torch.Tensor]) -> dict[str, int]:
         if not rows:

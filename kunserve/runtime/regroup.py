@@ -59,6 +59,7 @@ class MergeOrder:
     sources: tuple[Group, ...] = ()
     chunk_bytes: int = DEFAULT_EXCHANGE_CHUNK_BYTES
     micro_batcher: object = None  # the group's micro-batch policy (policy/batching.py); None: one per step
+    overlap: bool = True  # the group keeps steps in flight (runtime/pipeline.py); False: lockstep
 
     def slice_of(self, rank: int) -> LayerRange:
         return self.slices[self.ranks.index(rank)]
@@ -230,11 +231,11 @@ def merge_into_group(engine, order: MergeOrder, rank: int, group):
         exchange = LeaderExchange(rank, schedule, engine.kv_cache, engine.block_manager, scheduler)
         engine.runner = PipelineRunner(engine.model, engine.kv_cache, engine.block_manager, scheduler,
                                        engine.device, rank, layout, engine.config.seed, exchange=exchange,
-                                       batcher=order.micro_batcher)
+                                       batcher=order.micro_batcher, overlap=order.overlap)
         return None, stats
     exchange = KVExchange(rank, schedule, engine.kv_cache, engine.block_manager)
     return StageWorker(engine.model, engine.kv_cache, engine.block_manager, engine.device, rank, layout,
-                       exchange=exchange), stats
+                       exchange=exchange, overlap=order.overlap), stats
 
 
 # -- restore: the group splits back into single instances ---------------------------------------

@@ -52,6 +52,8 @@ class Request:
         self.eos_token_ids = () if params.ignore_eos else eos_token_ids
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
+        # Which of an overlapped pipeline's request sets steps it (runtime/pipeline.py); 0 elsewhere.
+        self.virtual_engine = 0
         self.stop_reason: int | str | None = None
         self.metrics = RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time)
         self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)

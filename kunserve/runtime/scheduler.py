@@ -32,6 +32,9 @@ class ScheduledChunk:
 
     request: Request
     num_tokens: int
+    # The request's preemption count when scheduled: a result arriving after the request was
+    # preempted (an overlapped pipeline's step in flight) belongs to KV that is gone.
+    epoch: int = 0
 
     @property
     def completes(self) -> bool:
@@ -99,29 +102,52 @@ class Scheduler:
             self.running.append(request)
         return request
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, virtual_engine: int | None = None, num_virtual_engines: int = 1) -> SchedulerOutput:
+        """The next step's chunks. With ``virtual_engine`` set (an overlapped pipeline leader),
+        only that request set's running requests are stepped or preempted (the other sets'
+        steps are still in flight) and admitted requests join it."""
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         self._swap_out, self._swap_in = [], []
-        index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
+        if virtual_engine is not None:
+            self._rebalance(virtual_engine, num_virtual_engines)
+        for request in [r for r in self.running if virtual_engine is None or r.virtual_engine == virtual_engine]:
+            if budget <= 0 or request.request_id in preempted:
+                break  # out of tokens, or reached the newest requests, preempted for older ones
             num_tokens = min(request.num_uncomputed_tokens, budget)
-            if not self._make_room(request, num_tokens, preempted):
+            if not self._make_room(request, num_tokens, preempted, virtual_engine):
                 break  # the request itself was preempted; it was the newest
             chunks.append(self._admit_chunk(request, num_tokens))
             budget -= num_tokens
-            index += 1
         if not preempted:
-            budget = self._admit_waiting(budget, chunks)
+            budget = self._admit_waiting(budget, chunks, virtual_engine or 0)
         return SchedulerOutput(tuple(chunks), tuple(preempted), tuple(self._swap_out), tuple(self._swap_in))
 
-    def _make_room(self, request: Request, num_tokens: int, preempted: list[str]) -> bool:
-        """Preempt newest requests until ``request`` can grow; False if it was preempted."""
+    def _rebalance(self, virtual_engine: int, num_virtual_engines: int) -> None:
+        """Keep the request sets within one request of each other: this set's newest excess
+        requests (none of them in flight: this set is about to step) move to the smallest sets
+        and run at their next step. Sets drift apart as requests finish, and a merge resumes
+        every exchanged request into set 0."""
+        sizes = [0] * num_virtual_engines
+        for r in self.running:
+            sizes[r.virtual_engine % num_virtual_engines] += 1
+        mine = [r for r in self.running if r.virtual_engine == virtual_engine]
+        for request in reversed(mine):
+            smallest = min(range(num_virtual_engines), key=sizes.__getitem__)
+            if sizes[virtual_engine] <= sizes[smallest] + 1:
+                return
+            request.virtual_engine = smallest
+            sizes[virtual_engine] -= 1
+            sizes[smallest] += 1
+
+    def _make_room(self, request: Request, num_tokens: int, preempted: list[str],
+                   virtual_engine: int | None = None) -> bool:
+        """Preempt newest requests (of ``virtual_engine``'s set) until ``request`` can grow;
+        False if it was preempted."""
         target = request.num_computed_tokens + num_tokens
         while not self.block_manager.can_allocate(request.request_id, target):
-            victim = self.running.pop()
+            victim = self._pop_newest(virtual_engine)
             if not (self.preemption.swaps and self._swap_out_victim(victim)):
                 self.preempt(victim)
             preempted.append(victim.request_id)
@@ -129,7 +155,13 @@ class Scheduler:
                 return False
         return True
 
-    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+    def _pop_newest(self, virtual_engine: int | None) -> Request:
+        """Remove and return the newest running request of the set (``request`` itself is one)."""
+        index = next(i for i in range(len(self.running) - 1, -1, -1)
+                     if virtual_engine is None or self.running[i].virtual_engine == virtual_engine)
+        return self.running.pop(index)
+
+    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk], virtual_engine: int = 0) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             num_tokens = min(request.num_uncomputed_tokens, budget)
@@ -140,6 +172,7 @@ class Scheduler:
                 break  # no room for its KV + chunk, or over this step's swap budget: next step
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            request.virtual_engine = virtual_engine
             self.running.append(request)
             chunks.append(self._admit_chunk(request, num_tokens))
             if host_blocks is not None:
@@ -196,7 +229,7 @@ class Scheduler:
         self.block_manager.allocate(request.request_id, request.num_computed_tokens + num_tokens)
         if request.metrics.first_scheduled_time is None:
             request.metrics.first_scheduled_time = time.time()
-        return ScheduledChunk(request, num_tokens)
+        return ScheduledChunk(request, num_tokens, request.metrics.num_preemptions)
 
     def preempt_newest(self) -> bool:
         """Preempt the newest running request (recompute later); False if none is running."""
@@ -215,11 +248,16 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens; returns requests that finished."""
+        """Advance computed counts, append sampled tokens; returns requests that finished.
+        Requests no longer running are skipped: with an overlapped pipeline a step's tokens
+        arrive a step later, and a request may have been aborted meanwhile, or preempted by a
+        weight restore's round (a step's preemptions only take the stepping set's requests)."""
         now = time.time()
         finished = []
         for chunk in output.chunks:
             request = chunk.request
+            if not self.is_current(chunk):
+                continue  # aborted or preempted while its step was in flight (overlapped pipeline)
             completes = chunk.completes
             request.num_computed_tokens += chunk.num_tokens
             if not completes:
@@ -230,6 +268,11 @@ class Scheduler:
                 self.finish(request, status)
                 finished.append(request)
         return finished
+
+    @staticmethod
+    def is_current(chunk: ScheduledChunk) -> bool:
+        """The chunk's request still runs on the KV the chunk was scheduled over."""
+        return chunk.request.status is RequestStatus.RUNNING and chunk.epoch == chunk.request.metrics.num_preemptions
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Remove a request (running or waiting) for good and free its blocks."""

@@ -11,16 +11,46 @@ import pickle
 import torch
 import torch.distributed as dist
 
+# Pipeline control (steps, stage timings, results) shares the cluster's gloo group with rank 0's
+# commands and reports; an overlapped stage answers rank 0 before its step's result goes to the
+# leader, so the two streams need their own order.
+PIPELINE_TAG = 1
 
-def send_object(obj, dst: int, group) -> None:
+
+def send_object(obj, dst: int, group, tag: int = 0) -> None:
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    dist.send(torch.tensor([len(payload)], dtype=torch.int64), dst, group=group)
-    dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst, group=group)
+    dist.send(torch.tensor([len(payload)], dtype=torch.int64), dst, group=group, tag=tag)
+    dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst, group=group, tag=tag)
 
 
-def recv_object(src: int, group):
+def recv_object(src: int, group, tag: int = 0):
+    """Messages between two ranks arrive in the order sent, per tag: a stream with its own tag
+    (a pipeline's control, ``PIPELINE_TAG``) may run ahead of or behind the cluster's commands."""
     size = torch.empty(1, dtype=torch.int64)
-    dist.recv(size, src, group=group)
+    dist.recv(size, src, group=group, tag=tag)
     payload = torch.empty(int(size), dtype=torch.uint8)
-    dist.recv(payload, src, group=group)
+    dist.recv(payload, src, group=group, tag=tag)
     return pickle.loads(payload.numpy().tobytes())
+
+
+class PendingSends:
+    """Objects sent without waiting (``isend``) and not yet delivered. An overlapped pipeline
+    stage sends its step's result and moves on to the next step; the peer receives it a step
+    later. Invariant: a sent buffer stays referenced here until its send completed."""
+
+    def __init__(self):
+        self._sends: list[tuple[object, torch.Tensor]] = []
+
+    def send_object(self, obj, dst: int, group, tag: int = 0) -> None:
+        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        for tensor in (torch.tensor([len(payload)], dtype=torch.int64),
+                       torch.frombuffer(bytearray(payload), dtype=torch.uint8)):
+            self._sends.append((dist.isend(tensor, dst, group=group, tag=tag), tensor))
+
+    def add(self, work, tensor: torch.Tensor) -> None:
+        self._sends.append((work, tensor))
+
+    def wait(self) -> None:
+        for work, _tensor in self._sends:
+            work.wait()
+        self._sends.clear()

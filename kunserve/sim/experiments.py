@@ -15,6 +15,12 @@ per-instance load is the same at every cluster size.
 
 ``speed``: 64 instances x one hour of the Azure conversation trace (its own arrival times, at
 its own rate or replicated ``--upscale`` times), wall time of the simulation on one core.
+
+``bubble``: issue 7's ablation, the pipeline bubble of the token-budget vs the lookahead
+micro-batcher under a burst, once with the lockstep flow shop (``pipeline_overlap=False``: the
+pipeline drains at the end of every step) and once with the analytic overlapped model (a step
+costs its bottleneck stage, so only a micro-batch holding more than a stage's share of the step
+leaves a bubble).
 """
 
 from __future__ import annotations
@@ -183,6 +189,93 @@ def speed(instances: int, upscale: float, policy: str, exact: bool = False) -> d
             "unfinished": run.unfinished}
 
 
+BUBBLE_BATCHERS = ("token-budget", "lookahead")
+
+
+def _prefill_tally_sim(config: SimConfig, trace):
+    """A ``ClusterSim`` whose units also count the member-seconds of their *prefill steps*
+    (steps with a chunk of more than one token): with the lockstep flow shop a decode-only step
+    below the batchers' split sizes is one micro-batch with a ~50% bubble whichever batcher runs,
+    so the batchers differ in these steps (what the paper's ablation measures under a burst)."""
+    from kunserve.sim.cluster import ClusterSim
+    from kunserve.sim.instance import Unit
+
+    # subclasses rather than a counter in Unit: only this ablation splits the bubble by step kind
+
+    class TallyUnit(Unit):
+        prefill_busy_s = prefill_bubble_s = 0.0
+
+        def _duration(self, output, running_before):
+            busy, bubble = self.busy_s, self.bubble_s
+            seconds = super()._duration(output, running_before)
+            if any(c.num_tokens > 1 for c in output.chunks):  # stretches are decode-only
+                self.prefill_busy_s += self.busy_s - busy
+                self.prefill_bubble_s += self.bubble_s - bubble
+            return seconds
+
+    class TallySim(ClusterSim):
+        def make_unit(self, uid, members, slices, scheduler, batcher):
+            unit = TallyUnit(uid, tuple(members), tuple(slices), scheduler, self.config.timing(tuple(slices)),
+                             self.env, batcher)
+            unit.version = next(self._versions)
+            return unit
+
+    return TallySim(config, trace)
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else 0.0
+
+
+def bubble_ablation(workload: BurstWorkload, policy: str = "vllm-pp", instances: int = 2,
+                    **overrides) -> list[dict]:
+    """Per batcher (token-budget, lookahead) and pipeline model (``pipeline_overlap`` False, True)
+    on one trace: the run's ``bubble_fraction``, the bubble of its pipelined units only (kunserve's
+    unmerged instances have none), of their prefill steps only, TTFT P50 / P99 and TPOT P50.
+    ``overrides``: more ``SimConfig`` fields."""
+    from kunserve.sim.results import summarize
+
+    trace = workload.build(instances)
+    rows = []
+    for overlap in (False, True):
+        for batcher in BUBBLE_BATCHERS:
+            config = SimConfig(policy=policy, instances=instances, micro_batching=batcher, pipeline_overlap=overlap,
+                               **overrides)
+            sim = _prefill_tally_sim(config, trace)
+            run = sim.run()
+            s = summarize(run)
+            piped = [u for u in (*sim.units.values(), *sim.retired) if u.timing.stages > 1]  # [pipelined units]
+            prefill_busy = sum(u.prefill_busy_s for u in piped)
+            prefill_bubble = sum(u.prefill_bubble_s for u in piped)
+            rows.append({
+                "policy": policy, "pipeline_overlap": overlap, "micro_batching": batcher,
+                "min_tokens": config.batch_model[1] if batcher == "lookahead" else None,
+                "micro_batch_tokens": config.micro_batch_tokens or config.max_num_batched_tokens // 2,
+                "bubble_fraction": s["bubble_fraction"],
+                "pipeline_bubble_fraction": _ratio(sum(u.bubble_s for u in piped), sum(u.stage_s for u in piped)),
+                "prefill_bubble_fraction": _ratio(prefill_bubble, prefill_busy + prefill_bubble),
+                "prefill_stage_share": _ratio(prefill_busy + prefill_bubble, sum(u.stage_s for u in piped)),
+                "ttft_p50_s": s["ttft_s"]["median"], "ttft_p99_s": s["ttft_s"]["p99"],
+                "tpot_p50_s": s["tpot_s"]["median"], "requests": len(trace), "drops": s["drops"],
+                "preemptions": s["preemptions"], "unfinished": s["unfinished"], "wall_s": s["sim"]["wall_s"]})
+    return rows
+
+
+def format_bubble_rows(rows: list[dict]) -> str:
+    """A markdown table of ``bubble_ablation``'s rows."""
+    lines = ["| pipeline model | micro-batching | bubble (run) | bubble (pipelines) | bubble (prefill steps) | "
+             "prefill steps' share | TTFT p50 | TTFT p99 | TPOT p50 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        model = "overlapped (analytic)" if r["pipeline_overlap"] else "lockstep flow shop"
+        batcher = (f"lookahead (MIN {r['min_tokens']})" if r["micro_batching"] == "lookahead"
+                   else f"token-budget ({r['micro_batch_tokens']})")
+        lines.append(f"| {model} | {batcher} | {r['bubble_fraction']:.1%} | {r['pipeline_bubble_fraction']:.1%} | "
+                     f"{r['prefill_bubble_fraction']:.1%} | {r['prefill_stage_share']:.0%} | "
+                     f"{r['ttft_p50_s'] * 1e3:,.0f} ms | {r['ttft_p99_s'] * 1e3:,.0f} ms | "
+                     f"{r['tpot_p50_s'] * 1e3:.1f} ms |")
+    return "SIMULATION (kunserve.sim)\n" + "\n".join(lines)
+
+
 def main(argv=None) -> int:
     # the controller warns at every simulated overload it cannot cover; the summary counts them
     loggers = [logging.getLogger(f"kunserve.runtime.{m}") for m in ("drop_controller", "scheduler")]
@@ -222,7 +315,38 @@ def _main(argv) -> int:
     sp.add_argument("--policy", default="vllm", choices=POLICIES)
     sp.add_argument("--exact", action="store_true")
     sp.add_argument("--out", default=None)
+    bub = sub.add_parser("bubble", help="pipeline bubble: token-budget vs lookahead, lockstep vs overlapped")
+    bub.add_argument("--policy", default="vllm-pp", choices=("vllm-pp", "kunserve"))
+    bub.add_argument("--instances", type=int, default=2)
+    bub.add_argument("--model", default="qwen2.5-14b")
+    bub.add_argument("--profile", default=None, help="fitted cost model JSON; default: the roofline")
+    bub.add_argument("--num-kv-blocks", type=int, default=None)
+    bub.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    bub.add_argument("--micro-batch-tokens", type=int, default=None)
+    bub.add_argument("--duration-s", type=float, default=60.0)
+    bub.add_argument("--base-rate", type=float, default=0.1)
+    bub.add_argument("--burst-requests", type=float, default=100.0)
+    bub.add_argument("--on-s", type=float, default=2.0)
+    bub.add_argument("--period-s", type=float, default=30.0)
+    bub.add_argument("--input-len", type=int, default=2048)
+    bub.add_argument("--output-len", type=int, default=64)
+    bub.add_argument("--no-pipeline-scales-limits", action="store_true",
+                     help="a pipeline schedules one instance's budgets (the runtime as built), not g x")
+    bub.add_argument("--seed", type=int, default=0)
+    bub.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
+    if args.command == "bubble":
+        workload = BurstWorkload(base_rate=args.base_rate, burst_requests=args.burst_requests, on_s=args.on_s,
+                                 period_s=args.period_s, duration_s=args.duration_s, seed=args.seed,
+                                 input_len=args.input_len, output_len=args.output_len)
+        rows = bubble_ablation(workload, args.policy, args.instances, model=args.model, profile=args.profile,
+                               num_kv_blocks=args.num_kv_blocks, max_num_batched_tokens=args.max_num_batched_tokens,
+                               micro_batch_tokens=args.micro_batch_tokens, seed=args.seed,
+                               pipeline_scales_limits=not args.no_pipeline_scales_limits)
+        print(format_bubble_rows(rows))
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
     if args.command == "paper":
         workload = BurstWorkload(base_rate=args.base_rate, burst_requests=args.burst_requests, on_s=args.on_s,
                                  period_s=args.period_s, duration_s=args.duration_s, seed=args.seed,

@@ -1,4 +1,5 @@
-"""Validating the simulator against real multi-rank CPU runs (``python -m kunserve.bench compare``).
+"""Validating the simulator against real runs (``python -m kunserve.bench compare``): multi-rank
+CPU clusters of the tiny model, or one GPU serving a Llama-3-8B-shaped model (``--grid gpu``).
 
     python -m kunserve.bench compare --policies vllm kunserve --ranks 2 ... --out real-w1   # calibration
     python -m kunserve.bench compare --policies vllm kunserve --ranks 2 ... --out real-w2   # validation
@@ -59,7 +60,7 @@ def load_real(path: str | Path) -> tuple[argparse.Namespace, dict]:
 
 
 def sim_config(args: argparse.Namespace, policy: str, profile: str, cal: Calibration,
-               model: Path = TINY_DIR) -> SimConfig:
+               model: str | Path = TINY_DIR) -> SimConfig:
     return SimConfig(
         policy=policy, instances=args.ranks, model=str(model), gpu="h100-80gb", link="loopback", profile=profile,
         time_scale=cal.time_scale, step_overhead_s=cal.step_overhead_s, overhead_per_seq_s=cal.overhead_per_seq_s,
@@ -73,12 +74,13 @@ def sim_config(args: argparse.Namespace, policy: str, profile: str, cal: Calibra
         vmm_seconds_per_chunk=0.0)
 
 
-def simulate_like(args: argparse.Namespace, policy: str, profile: str, cal: Calibration) -> dict:
+def simulate_like(args: argparse.Namespace, policy: str, profile: str, cal: Calibration,
+                  model: str | Path = TINY_DIR) -> dict:
     """{"ttft": [...], "tpot": [...]} of the simulated twin of a real run."""
     from kunserve.sim import simulate
 
     trace = build_workload(args, None)
-    run = simulate(sim_config(args, policy, profile, cal), trace)
+    run = simulate(sim_config(args, policy, profile, cal, model), trace)
     records = [log.record(cal.client_latency_s) for log in run.logs.values()]
     done = [r for r in records if r.ok]
     return {"ttft": [r.ttft for r in done], "tpot": [t for t in (r.tpot for r in done) if t is not None]}
@@ -94,27 +96,28 @@ def errors(real: dict, sim: dict) -> dict:
     return {k: (s[k] - r[k]) / r[k] if r[k] else math.nan for k in r}
 
 
-def _search(runs: list, profile: str, base: Calibration, grid: dict, policies) -> tuple[Calibration, float]:
+def _search(runs: list, profile: str, base: Calibration, grid: dict, policies,
+            model: str | Path = TINY_DIR) -> tuple[Calibration, float]:
     """``runs``: (arguments, real percentiles) of each calibration run; the mean is over all."""
     best, best_err = base, math.inf
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
         cal = attrs.evolve(base, **dict(zip(keys, values)))
         errs = [abs(e) for args, real in runs for policy in policies if policy in real
-                for e in errors(real[policy], simulate_like(args, policy, profile, cal)).values()]
+                for e in errors(real[policy], simulate_like(args, policy, profile, cal, model)).values()]
         err = sum(errs) / len(errs)
         if err < best_err:
             best, best_err = cal, err
     return best, best_err
 
 
-def calibrate(runs: list, profile: str) -> tuple[Calibration, float]:
+def calibrate(runs: list, profile: str, model: str | Path = TINY_DIR, grid: str = "cpu") -> tuple[Calibration, float]:
     """Grid search for the smallest mean |relative error| of the percentiles: first the
     single-instance terms on the vllm runs, then the pipeline terms on every policy's runs."""
-    cal, err = _search(runs, profile, Calibration(), VLLM_GRID, ["vllm"])
+    cal, err = _search(runs, profile, Calibration(), INSTANCE_GRIDS[grid], ["vllm"], model)
     policies = sorted({p for _, real in runs for p in real})
     if "kunserve" in policies:
-        cal, err = _search(runs, profile, cal, PIPELINE_GRID, policies)
+        cal, err = _search(runs, profile, cal, PIPELINE_GRID, policies, model)
     return cal, err
 
 
@@ -124,6 +127,16 @@ VLLM_GRID = {
     "overhead_per_seq_s": (0.0, 1e-4, 2e-4, 4e-4, 8e-4),
     "client_latency_s": (0.0, 2e-3, 5e-3, 8e-3),
 }
+# One GPU: the profile's `gpu` times are the kernels alone; the host adds its per-step work
+# (scheduling, input tensors, eager kernel launches, sampling, streaming), and nothing shares the
+# device, so the forward's scale stays near 1.
+GPU_GRID = {
+    "time_scale": (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2),
+    "step_overhead_s": (2e-3, 4e-3, 6e-3, 8e-3, 10e-3),
+    "overhead_per_seq_s": (0.0, 2e-5, 5e-5, 1e-4),
+    "client_latency_s": (0.0, 1e-3, 3e-3),
+}
+INSTANCE_GRIDS = {"cpu": VLLM_GRID, "gpu": GPU_GRID}
 PIPELINE_GRID = {
     "hop_latency_s": (1e-3, 2e-3, 4e-3, 6e-3, 8e-3),
     "regroup_overhead_s": (0.0, 0.02, 0.05, 0.1),
@@ -141,18 +154,23 @@ def table(name: str, real: dict, sims: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m kunserve.sim.validate", description=__doc__.splitlines()[0])
-    p.add_argument("--profile", required=True, help="the tiny model's CPU profile (python -m kunserve.profile)")
+    p.add_argument("--profile", required=True, help="the served model's profile on the serving device "
+                   "(python -m kunserve.profile)")
+    p.add_argument("--model", default=str(TINY_DIR), help="the served model: a directory or a built-in shape "
+                   "(llama3-8b, ...); default the built-in tiny model")
+    p.add_argument("--grid", default="cpu", choices=sorted(INSTANCE_GRIDS),
+                   help="calibration grid: cpu (two ranks on shared cores) or gpu (one instance per GPU)")
     p.add_argument("--calibrate", required=True, nargs="+", help="compare output dirs of the calibration runs")
     p.add_argument("--validate", nargs="*", default=[], help="compare output dirs to predict")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    cal, err = calibrate([load_real(d) for d in args.calibrate], args.profile)
+    cal, err = calibrate([load_real(d) for d in args.calibrate], args.profile, args.model, args.grid)
     print(f"SIMULATION vs real runs. calibration on {args.calibrate}: {cal} (mean |error| {err:.1%})")
     report = {"calibration": attrs.asdict(cal), "calibration_error": err, "calibrated_on": args.calibrate,
               "validated_on": args.validate, "runs": {}}
     for name in [*args.calibrate, *args.validate]:
         run_args, real = load_real(name)
-        sims = {policy: simulate_like(run_args, policy, args.profile, cal) for policy in real}
+        sims = {policy: simulate_like(run_args, policy, args.profile, cal, args.model) for policy in real}
         print(table(name, real, sims))
         report["runs"][name] = {policy: {"real": percentiles(real[policy]), "sim": percentiles(sims[policy]),
                                          "error": errors(real[policy], sims[policy])} for policy in real}
