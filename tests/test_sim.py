@@ -332,3 +332,14 @@ def test_bubble_ablation_lookahead_shrinks_the_flow_shops_prefill_bubble(tmp_pat
     assert main(["bubble", "--burst-requests", "10", "--duration-s", "5", "--period-s", "5", "--on-s", "1",
                  "--output-len", "8", "--out", str(out)]) == 0
     assert len(json.loads(out.read_text())) == 4
+
+
+def test_validation_twin_overlaps_pipelines_as_the_real_run_did():
+    import argparse
+
+    from kunserve.sim.validate import runtime_overlaps
+
+    assert runtime_overlaps(argparse.Namespace(serve_arg=[]))  # the serve default
+    assert not runtime_overlaps(argparse.Namespace(serve_arg=["--block-size", "4", "--pipeline-overlap", "off"]))
+    assert not runtime_overlaps(argparse.Namespace(serve_arg=["--pipeline-overlap=off"]))
+    assert runtime_overlaps(argparse.Namespace(serve_arg=["--pipeline-overlap", "on"]))

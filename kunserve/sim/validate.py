@@ -59,6 +59,14 @@ def load_real(path: str | Path) -> tuple[argparse.Namespace, dict]:
     return args, out
 
 
+def runtime_overlaps(args: argparse.Namespace) -> bool:
+    """Whether the real run's pipeline groups overlapped their steps (``--pipeline-overlap``,
+    on by default since 2026-11-24; runs recorded before that were lockstep)."""
+    extra = list(getattr(args, "serve_arg", []) or [])
+    return not any(a == "--pipeline-overlap=off" or (a == "--pipeline-overlap" and extra[i + 1:i + 2] == ["off"])
+                   for i, a in enumerate(extra))
+
+
 def sim_config(args: argparse.Namespace, policy: str, profile: str, cal: Calibration,
                model: str | Path = TINY_DIR) -> SimConfig:
     return SimConfig(
@@ -68,7 +76,7 @@ def sim_config(args: argparse.Namespace, policy: str, profile: str, cal: Calibra
         link_latency_s=cal.hop_latency_s, regroup_overhead_s=cal.regroup_overhead_s,
         block_size=args.block_size, max_num_seqs=256,
         max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
-        weight_granularity=4096, micro_batching="none", pipeline_overlap=False,
+        weight_granularity=4096, micro_batching="none", pipeline_overlap=runtime_overlaps(args),
         pipeline_scales_limits=False, min_hold_s=args.restore_hold_s,
         exchange_overlap=False, monitor_interval_s=0.01, fast_forward=False, lockstep=True,
         vmm_seconds_per_chunk=0.0)
