@@ -216,3 +216,15 @@ def test_a_result_for_a_request_preempted_or_aborted_meanwhile_is_dropped():
     assert not any(s.is_current(c) for c in in_flight.chunks)
     s.update(in_flight, {"a": 7, "b": 7})
     assert a.num_computed_tokens == 0 and a.output_token_ids == [] and b.output_token_ids == []
+
+
+def test_set_numbers_from_a_larger_group_fold_into_the_current_sets():
+    s = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=64)
+    for rid in "abcd":
+        s.add(req(rid, 2))
+    s.update(s.schedule(), {r: 7 for r in "abcd"})
+    for request, old_set in zip(s.running, (0, 1, 2, 3)):  # as a 4-stage group left them
+        request.virtual_engine = old_set
+    stepped = plan_of(s.schedule(virtual_engine=0, num_virtual_engines=2)) + \
+        plan_of(s.schedule(virtual_engine=1, num_virtual_engines=2))
+    assert sorted(stepped) == [("a", 1), ("b", 1), ("c", 1), ("d", 1)]  # nobody starves

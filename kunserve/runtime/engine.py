@@ -283,7 +283,8 @@ class LLMEngine:
         keeping (stages - 1) in flight so every stage has a step to work on. A set is stepped
         again only after its previous step's tokens are back: set i steps at steps i, i + n, ..."""
         runner, sets = self.runner, self.runner.num_virtual_engines
-        virtual_engine, self._next_virtual_engine = self._next_virtual_engine, (self._next_virtual_engine + 1) % sets
+        virtual_engine = self._next_virtual_engine % sets  # a regroup may have changed the number of sets
+        self._next_virtual_engine = (virtual_engine + 1) % sets
         runner.launch(self.scheduler.schedule(virtual_engine, sets))
         outputs = []
         while runner.num_in_flight > sets - 1:

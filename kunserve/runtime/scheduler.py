@@ -128,10 +128,13 @@ class Scheduler:
         """Keep the request sets within one request of each other: this set's newest excess
         requests (none of them in flight: this set is about to step) move to the smallest sets
         and run at their next step. Sets drift apart as requests finish, and a merge resumes
-        every exchanged request into set 0."""
+        exchanged requests with the sets they had before."""
         sizes = [0] * num_virtual_engines
         for r in self.running:
-            sizes[r.virtual_engine % num_virtual_engines] += 1
+            # a set number from before a regroup (a split, then a merge into fewer stages): the
+            # group drained before regrouping, so no step of the old sets is in flight
+            r.virtual_engine %= num_virtual_engines
+            sizes[r.virtual_engine] += 1
         mine = [r for r in self.running if r.virtual_engine == virtual_engine]
         for request in reversed(mine):
             smallest = min(range(num_virtual_engines), key=sizes.__getitem__)
