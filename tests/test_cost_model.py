@@ -11,8 +11,9 @@ import sys
 import attrs
 import pytest
 
+from kunserve.policy.cost_fit import nnls
 from kunserve.policy.cost_model import (
-    BatchSample, ChunkWork, CostModel, Profile, TokenLinearModel, mean_relative_error, nnls,
+    BatchSample, ChunkWork, CostModel, Profile, TokenLinearModel, mean_relative_error,
 )
 
 TRUE = CostModel(a=2e-9, b=1.5e-9, f=3e-5, d=4e-4, lam=3e-4, g=5e-8)
