@@ -28,7 +28,8 @@ from kunserve.policy.cost_model import Profile
 from kunserve.policy.drop import balanced_cuts
 from kunserve.policy.migration import MigrationPlanner, MigrationRules
 from kunserve.policy.overload import OverloadRules
-from kunserve.runtime.cluster import ClusterDriver, RankState, run_rank
+from kunserve.runtime.cluster import ClusterDriver
+from kunserve.runtime.rank import RankState, run_rank
 from kunserve.runtime.drop_controller import DropController, weight_layout_of
 from kunserve.runtime.engine import LLMEngine, resolve_device
 from kunserve.runtime.migration import MigrationCoordinator

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from kunserve.config import EngineConfig
 from kunserve.policy.overload import OverloadRules
-from kunserve.runtime.cluster import ClusterDriver, RankState, run_rank
+from kunserve.runtime.cluster import ClusterDriver
+from kunserve.runtime.rank import RankState, run_rank
 from kunserve.runtime.drop_controller import DropController, weight_layout_of
 from kunserve.runtime.engine import LLMEngine
 from kunserve.runtime.regroup import SplitOrder

@@ -15,7 +15,7 @@ import pytest
 import kunserve.runtime.migration as mig
 from kunserve import LLM, SamplingParams
 from kunserve.policy.migration import MigrationOrder
-from kunserve.runtime.cluster import RankState
+from kunserve.runtime.rank import RankState
 from kunserve.runtime.migration import MigrationCommand, MigrationTask
 
 ENGINE = dict(block_size=4, max_model_len=64)

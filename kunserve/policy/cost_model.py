@@ -164,8 +164,26 @@ class BatchShape:
                           max(self.max_context, other.max_context), self.multi or other.multi)
 
 
+class _JsonModel:
+    """JSON files of a model: the model's own dict, or a profile holding it under
+    ``PROFILE_KEY``. Needs ``to_dict`` / ``from_dict(data, source, where)``."""
+
+    __slots__ = ()
+    PROFILE_KEY: str
+
+    def to_json(self, path: str | Path) -> None:
+        _write_json(path, self.to_dict())
+
+    @classmethod
+    def from_json(cls, path: str | Path):
+        """A file holding the model itself, or a profile (``python -m kunserve.profile``)."""
+        data = _read_json(path)
+        where = f"{cls.PROFILE_KEY}." if cls.PROFILE_KEY in data else ""
+        return cls.from_dict(data.get(cls.PROFILE_KEY, data), str(path), where)
+
+
 @attrs.frozen
-class CostModel:
+class CostModel(_JsonModel):
     """Seconds of one forward pass; see the module docstring for the terms."""
 
     a: float = attrs.field(validator=_non_negative_float)  # per query x prefix token
@@ -187,6 +205,7 @@ class CostModel:
                              f"otherwise adding a token below the knee would lower a batch's cost")
 
     KEYS = ("a", "b", "f", "d", "lambda")  # required in JSON; "g", "floor" (+ "knee_tokens"), "h" optional
+    PROFILE_KEY = "cost_model"
 
     def chunk_attention(self, chunk: ChunkWork) -> float:
         """The attention part of ``chunk_cost`` (what the context term is compared with)."""
@@ -280,25 +299,17 @@ class CostModel:
                 raise ValueError(f"{source}: key {where + 'knee_tokens'!r} must be an int >= 1, got {knee!r}")
         return _construct(cls, source, where, a, b, f, d, lam, g, floor, int(knee), h)
 
-    def to_json(self, path: str | Path) -> None:
-        _write_json(path, self.to_dict())
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "CostModel":
-        """A file holding the model itself, or a profile (``python -m kunserve.profile``)."""
-        data = _read_json(path)
-        where = "cost_model." if "cost_model" in data else ""
-        return cls.from_dict(data.get("cost_model", data), str(path), where)
 
 
 @attrs.frozen
-class TokenLinearModel:
+class TokenLinearModel(_JsonModel):
     """Seconds of one forward pass as ``alpha`` per token plus ``beta`` per batch."""
 
     alpha: float = attrs.field(validator=_non_negative_float)
     beta: float = attrs.field(validator=_non_negative_float)
 
     KEYS = ("alpha", "beta")
+    PROFILE_KEY = "token_linear"
 
     def chunk_cost(self, chunk: ChunkWork) -> float:
         return self.alpha * chunk.num_tokens
@@ -325,15 +336,6 @@ class TokenLinearModel:
     def from_dict(cls, data: dict, source: str = "<dict>", where: str = "") -> "TokenLinearModel":
         return _construct(cls, source, where, *_numbers(data, cls.KEYS, source, where))
 
-    def to_json(self, path: str | Path) -> None:
-        _write_json(path, self.to_dict())
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "TokenLinearModel":
-        """A file holding the model itself, or a profile (its ``token_linear`` entry)."""
-        data = _read_json(path)
-        where = "token_linear." if "token_linear" in data else ""
-        return cls.from_dict(data.get("token_linear", data), str(path), where)
 
 
 @attrs.frozen

@@ -263,7 +263,6 @@ class _Launched:
     plan: SchedulerOutput
     sends: PendingSends
     started: float
-    has_work: bool
 
 
 class PipelineRunner:
@@ -343,7 +342,7 @@ class PipelineRunner:
             timer.end(start)
             sends.add(dist.isend(hidden, nxt, group=data), hidden)  # the next stage starts now
         sends.send_object({self.rank: timer.total()}, nxt, control, PIPELINE_TAG)
-        self._in_flight.append(_Launched(plan, sends, started, bool(step.micro_batches)))
+        self._in_flight.append(_Launched(plan, sends, started))
 
     @torch.inference_mode()
     def collect(self) -> tuple[SchedulerOutput, dict[str, int]]:
@@ -352,12 +351,13 @@ class PipelineRunner:
         launched.sends.wait()
         result: StageResult = recv_object(self.layout.last, self.layout.control_group, PIPELINE_TAG)
         now = time.perf_counter()
-        if launched.has_work:
+        has_work = bool(launched.plan.chunks)
+        if has_work:
             # wall: since the previous result while steps with work follow each other (host work
             # between steps is idle time for every stage, overlapped or not), else since launch
             since = self._last_collected if self._streak else launched.started
             self.timings.append(StepTiming(now - since, result.busy))
-        self._streak, self._last_collected = launched.has_work, now
+        self._streak, self._last_collected = has_work, now
         return launched.plan, {**result.tokens, **self._sample_rows(launched.plan, result.logits)}
 
     def after_step(self) -> None:

@@ -17,10 +17,15 @@ import torch.distributed as dist
 PIPELINE_TAG = 1
 
 
-def send_object(obj, dst: int, group, tag: int = 0) -> None:
+def _framed(obj) -> tuple[torch.Tensor, torch.Tensor]:
+    """(size [1] int64, payload [size] uint8): what ``recv_object`` reads, in that order."""
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    dist.send(torch.tensor([len(payload)], dtype=torch.int64), dst, group=group, tag=tag)
-    dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst, group=group, tag=tag)
+    return torch.tensor([len(payload)], dtype=torch.int64), torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+
+
+def send_object(obj, dst: int, group, tag: int = 0) -> None:
+    for tensor in _framed(obj):
+        dist.send(tensor, dst, group=group, tag=tag)
 
 
 def recv_object(src: int, group, tag: int = 0):
@@ -42,9 +47,7 @@ class PendingSends:
         self._sends: list[tuple[object, torch.Tensor]] = []
 
     def send_object(self, obj, dst: int, group, tag: int = 0) -> None:
-        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        for tensor in (torch.tensor([len(payload)], dtype=torch.int64),
-                       torch.frombuffer(bytearray(payload), dtype=torch.uint8)):
+        for tensor in _framed(obj):
             self._sends.append((dist.isend(tensor, dst, group=group, tag=tag), tensor))
 
     def add(self, work, tensor: torch.Tensor) -> None:
