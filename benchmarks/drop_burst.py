@@ -37,7 +37,8 @@ def counters(base_url: str) -> dict[str, float]:
 
 
 def run_policy(model: Path, policy: str, args) -> dict:
-    cluster = LocalCluster(model, args.ranks, [*POOL, "--policy", policy, "--restore-hold-s", "1"],
+    extra = [] if args.exchange_chunk_bytes is None else ["--exchange-chunk-bytes", str(args.exchange_chunk_bytes)]
+    cluster = LocalCluster(model, args.ranks, [*POOL, "--policy", policy, "--restore-hold-s", "1", *extra],
                            served_model_name="tiny", log_level="WARNING")
     try:
         bench = serve_bench.parse_args([
@@ -60,12 +61,23 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=24)
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=None, help="a random Llama of this width instead of the tiny one")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--exchange-chunk-bytes", type=int, default=None,
+                   help="per link and round (small: the exchange runs over many pipeline steps)")
+    p.add_argument("--policies", nargs="+", default=["vllm", "kunserve"], choices=["vllm", "kunserve"])
     args = p.parse_args()
-    model = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
-    rows = {policy: run_policy(model, policy, args) for policy in ("vllm", "kunserve")}
+    work = Path(tempfile.mkdtemp())
+    if args.hidden is None:
+        model = make_tiny_checkpoint(work / "tiny")
+    else:
+        model = make_tiny_checkpoint(work / "model", hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                                     num_hidden_layers=args.layers, num_attention_heads=args.hidden // 32,
+                                     num_key_value_heads=max(1, args.hidden // 128))
+    rows = {policy: run_policy(model, policy, args) for policy in args.policies}
     print(f"\n{'policy':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'req/s':>7} {'drops':>6} "
           f"{'pause ms':>9} {'detect->cap ms':>15} {'exch req':>8} {'KB/req':>7} {'stall max ms':>12} "
-          f"{'overlap':>7} {'preempt':>8} {'restores':>8} {'pulled KB':>9} {'split ms':>8}")
+          f"{'overlap':>7} {'preempt':>8} {'restores':>8} {'pulled KB':>9} {'split ms':>8} {'bubble':>7}")
     for policy, m in rows.items():
         c = m["counters"]
         exchanged = c.get("exchanged_requests_total", 0)
@@ -77,9 +89,11 @@ def main() -> None:
               f"{c.get('exchange_stall_seconds_max', 0) * 1e3:>12.1f} "
               f"{c.get('exchange_overlapped_requests_total', 0):>7.0f} {c.get('preemptions_total', 0):>8.0f} "
               f"{c.get('restores_total', 0):>8.0f} {c.get('restore_bytes_total', 0) / 1024:>9.0f} "
-              f"{c.get('restore_seconds', 0) * 1e3:>8.1f}")
-    ratio = rows["vllm"]["ttft_s"]["p99"] / rows["kunserve"]["ttft_s"]["p99"]
-    print(f"P99 TTFT vllm / kunserve: {ratio:.2f}x")
+              f"{c.get('restore_seconds', 0) * 1e3:>8.1f} {c.get('pipeline_bubble_fraction', 0):>7.1%}")
+    ratio = None
+    if len(rows) == 2:
+        ratio = rows["vllm"]["ttft_s"]["p99"] / rows["kunserve"]["ttft_s"]["p99"]
+        print(f"P99 TTFT vllm / kunserve: {ratio:.2f}x")
     print(json.dumps({"bench": "drop_burst", **vars(args), "p99_ttft_ratio": ratio, "results": rows}))
 
 

@@ -35,6 +35,7 @@ from kunserve.runtime.engine import LLMEngine, resolve_device
 from kunserve.runtime.migration import MigrationCoordinator
 from kunserve.runtime.pipeline import GroupLayout, PipelineRunner, StageWorker
 from kunserve.runtime.regroup import DEFAULT_EXCHANGE_CHUNK_BYTES
+from kunserve.runtime.transport import activation_group, init_cluster_groups
 
 log = logging.getLogger("kunserve.serve")
 
@@ -155,7 +156,7 @@ def init_cluster(world_size: int, device: torch.device):
         dist.init_process_group("nccl", timeout=_CONTROL_TIMEOUT, device_id=device)
     else:
         dist.init_process_group("gloo", timeout=_CONTROL_TIMEOUT)
-    return dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
+    return init_cluster_groups(_CONTROL_TIMEOUT)
 
 
 def rank_device(name: str) -> torch.device:
@@ -186,7 +187,7 @@ def build_rank(engine: LLMEngine, rank: int, world_size: int, group, args: argpa
     pool = torch.tensor([engine.block_manager.num_blocks])
     dist.all_reduce(pool, op=dist.ReduceOp.MIN, group=group)
     engine.memory.limit_blocks(int(pool))
-    layout = GroupLayout(tuple(range(rank - rank % size, rank - rank % size + size)), group, None)
+    layout = GroupLayout(tuple(range(rank - rank % size, rank - rank % size + size)), group, activation_group())
     if rank == layout.leader:
         engine.runner = PipelineRunner(engine.model, engine.kv_cache, engine.block_manager, engine.scheduler,
                                        engine.device, rank, layout, engine.config.seed, batcher=micro_batcher(args),

@@ -12,18 +12,35 @@ import logging
 import os
 import sys
 
+import attrs
 import torch.distributed as dist
 
 from kunserve.config import EngineConfig
+from kunserve.policy.drop import Group
 from kunserve.policy.overload import OverloadRules
 from kunserve.runtime.cluster import ClusterDriver
 from kunserve.runtime.rank import RankState, run_rank
 from kunserve.runtime.drop_controller import DropController, weight_layout_of
 from kunserve.runtime.engine import LLMEngine
 from kunserve.runtime.regroup import SplitOrder
+from kunserve.runtime.transport import init_cluster_groups
 from kunserve.sampling_params import SamplingParams
 
 MERGE_PAIRS_AT, MERGE_ALL_AT, SPLIT_AT = 3, 9, 16
+
+
+class ReversedPairs:
+    """The real planner, except that singles merging into a pair put the higher rank first, so
+    rank 0 (the driver) serves as a non-leading stage (``REGROUP_REVERSED=1``)."""
+
+    def __init__(self, planner):
+        self.planner = planner
+
+    def plan(self, groups, required, prefer=frozenset()):
+        plan = self.planner.plan(groups, required, prefer=prefer)
+        merged = tuple(Group(tuple(reversed(g.members)), g.slices) if all(len(s.members) == 1 for s in src) else g
+                       for g, src in zip(plan.merged, plan.sources))
+        return attrs.evolve(plan, merged=merged)
 
 
 class ScriptedDrop(DropController):
@@ -56,7 +73,7 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     logging.basicConfig(level=logging.INFO, format=f"rank{rank} %(name)s: %(message)s")
     dist.init_process_group("gloo")
-    group = dist.new_group(backend="gloo")
+    group = init_cluster_groups()
     engine = LLMEngine(EngineConfig(model=model_dir, num_kv_blocks=24, block_size=4, max_model_len=64,
                                     max_num_batched_tokens=32, memory="vmm"))
     if rank:
@@ -64,6 +81,8 @@ def main() -> None:
     else:
         drop = ScriptedDrop(weight_layout_of(engine.memory, engine.model_config.num_layers), engine.memory.block_bytes,
                             engine.memory.unified.kv_mapped_bytes, OverloadRules(0.5, 0.0), exchange_chunk_bytes=chunk_bytes)
+        if os.environ.get("REGROUP_REVERSED") == "1":
+            drop.planner = ReversedPairs(drop.planner)
         driver = ClusterDriver(engine, 4, group, drop=drop)
         prompts = json.loads(os.environ["REGROUP_PROMPTS"])
         params = SamplingParams(temperature=0, max_tokens=int(os.environ["REGROUP_MAX_TOKENS"]), ignore_eos=True)

@@ -23,10 +23,10 @@ MAX_TOKENS = 24
 SCRIPT = Path(__file__).with_name("regroup_cluster.py")
 
 
-def run_cluster(model_dir: Path, tmp_path: Path, chunk_bytes: int) -> tuple[dict, str]:
+def run_cluster(model_dir: Path, tmp_path: Path, chunk_bytes: int, reversed_pairs: bool = False) -> tuple[dict, str]:
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "REGROUP_PROMPTS": json.dumps(PROMPTS),
-           "REGROUP_MAX_TOKENS": str(MAX_TOKENS)}
+           "REGROUP_MAX_TOKENS": str(MAX_TOKENS), "REGROUP_REVERSED": "1" if reversed_pairs else "0"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
                            str(SCRIPT), str(model_dir), str(out), str(chunk_bytes)],
                           env=env, capture_output=True, text=True, timeout=300)
@@ -60,3 +60,16 @@ def test_pairs_merge_then_merge_again_then_split_token_exact(llama_dir, referenc
     assert len(pulled) == 4 and min(pulled) >= 3
     assert log.count("left group (0, 2, 1, 3)") == 4  # every member serves alone again
     assert metrics["restore_bytes_total"] > 0
+
+
+def test_rank0_as_a_non_leading_stage_through_exchange_pull_and_split_token_exact(llama_dir, reference, tmp_path):
+    """Rank 0 drives the cluster and is also a later stage of a pair, then of the 4-group: its
+    deferred stage step runs at the start of the next cluster step, so the exchange and pull
+    rounds it pairs with its leader's (run when the leader collects the step) cannot deadlock."""
+    result, log = run_cluster(llama_dir, tmp_path, chunk_bytes=1, reversed_pairs=True)
+    assert result["tokens"] == reference
+    merges = re.findall(r"drop: groups (\[.*?\]) merge into pipeline (\([\d, ]+\))", log)
+    assert merges[:2] == [("[(0,), (1,)]", "(1, 0)"), ("[(2,), (3,)]", "(3, 2)")]
+    assert merges[2][1] == "(1, 3, 0, 2)"  # rank 0 the third of four stages
+    assert len(re.findall(r"KV exchange done after (\d+) rounds", log)) == 3
+    assert log.count("rank 0 pulled its dropped weights back") == 1 and log.count("left group (1, 3, 0, 2)") == 4

@@ -30,7 +30,7 @@ from kunserve.runtime.pipeline import StepTiming
 from kunserve.runtime.rank import (NewRequest, RankState, StepCommand, StepReport, drain_rank, handle_command,
                                    run_deferred_step)
 from kunserve.runtime.regroup import MergeOrder, SplitOrder
-from kunserve.runtime.transport import PendingSends, recv_object, send_object
+from kunserve.runtime.transport import PendingSends, recv_object
 from kunserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,12 @@ class ClusterDriver:
         sent = PendingSends()
         for rank, command in commands.items():
             sent.send_object(command, rank, self.group)
-        reports = [handle_command(self.local_state, local, self.group)]
+        # Rank 0 as a non-leading stage runs the step it deferred in the previous cluster step
+        # only now, after the commands went out: that step's exchange round pairs with its
+        # leader's, which the leader runs in this cluster step (StageWorker's round pairing), and
+        # it overlaps the leader's next stage-0 step.
         run_deferred_step(self.local_state)
+        reports = [handle_command(self.local_state, local, self.group)]
         reports += [recv_object(rank, self.group) for rank in commands]
         sent.wait()  # every rank answered, so it has its command
         outputs = [o for report in reports for o in self._absorb(report)]
@@ -220,13 +224,17 @@ class ClusterDriver:
 
     def shutdown(self) -> list[RequestOutput]:
         """Abort everything in flight and release the workers; returns the abort outputs."""
+        # Commands first: rank 0's drain may pair exchange rounds with a leader on another rank,
+        # which drains (and runs them) when it gets its shutdown command.
+        sent = PendingSends()
+        for rank in range(1, self.world_size):
+            sent.send_object(StepCommand(shutdown=True), rank, self.group)
         outputs = drain_rank(self.local_state)  # rank 0's own pipeline steps in flight (members wait on them)
         outputs += [self.local.abort_request(rid) for rid in list(self.local.requests)]
         outputs = [o for o in outputs if o is not None]
         for rank in range(1, self.world_size):
-            send_object(StepCommand(shutdown=True), rank, self.group)
-        for rank in range(1, self.world_size):
             outputs += self._collect(rank)
+        sent.wait()
         self.owner.clear()
         return outputs
 

@@ -288,15 +288,24 @@ class LLMEngine:
         runner.launch(self.scheduler.schedule(virtual_engine, sets))
         outputs = []
         while runner.num_in_flight > sets - 1:
-            outputs += self._apply(*runner.collect())
-        runner.after_step()
+            outputs += self._collect_one()
         return outputs
 
     def drain(self) -> list[RequestOutput]:
         """Take every launched step's result (before the group regroups or shuts down)."""
         outputs = []
         while getattr(self.runner, "num_in_flight", 0):
-            outputs += self._apply(*self.runner.collect())
+            outputs += self._collect_one()
+        return outputs
+
+    def _collect_one(self) -> list[RequestOutput]:
+        """Apply the oldest launched step's result, then run that step's round of a KV exchange or
+        weight pull. Every member runs round k right after its part of step k; the leader runs it
+        once step k's result is back, i.e. after it has launched the next (sets - 1) steps, so the
+        round pairs with the members' without holding stage 0 back: the pipeline keeps
+        overlapping while KV or weights move."""
+        outputs = self._apply(*self.runner.collect())
+        self.runner.after_step()
         return outputs
 
     def _apply(self, plan, sampled: dict[str, int]) -> list[RequestOutput]:

@@ -185,8 +185,18 @@ class _ComputeTimer:
 
 
 class StageWorker:
-    """A non-leader member: runs its layer slice for every step the leader sends, then (after a
-    merge, until it is done) one round of the KV exchange."""
+    """A non-leader member: runs its layer slice for every step the leader sends and, while a KV
+    exchange (after a merge) or a weight pull (before a split) runs, one round of it per step.
+
+    Round pairing: round ``k`` is a set of point-to-point transfers between the members that
+    every member runs once. The leader runs it when it collects step ``k``'s result, which an
+    overlapped leader does after launching step ``k + S - 1`` (S stages), during the cluster step
+    in which this member computes step ``k + S - 2``; so a member runs round ``k`` right after
+    its step ``k + S - 2`` (``round_lag`` = S - 2 steps). Both ends then reach the round at about
+    the same time and neither stage waits for the other's step: the pipeline keeps overlapping
+    while KV or weights move. Lockstep (the leader collects every step at once): lag 0.
+    Invariant: ``_rounds_owed`` <= ``round_lag`` between steps; ``flush`` pays the rest.
+    """
 
     def __init__(self, model, kv_cache: PagedKVCache, block_manager: BlockManager, device,
                  rank: int, layout: GroupLayout, exchange: KVExchange | None = None, overlap: bool = True):
@@ -196,6 +206,15 @@ class StageWorker:
         self.overlap = overlap  # the leader keeps steps in flight (PipelineRunner.overlap): same in a group
         self._pending: deque[PendingSends] = deque()  # per step, oldest first
         self.restore: WeightRestore | None = None  # set when the group's weights come back
+        self._rounds_owed = 0  # steps run while a transfer was pending whose round is still due
+
+    @property
+    def round_lag(self) -> int:
+        return max(0, len(self.layout.ranks) - 2) if self.overlap else 0
+
+    @property
+    def _transfer_pending(self) -> bool:
+        return any(t is not None and not t.done for t in (self.exchange, self.restore))
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -227,10 +246,18 @@ class StageWorker:
         else:
             sends.send_object(StageResult(tokens, logits, stage_busy), self.layout.leader, control, PIPELINE_TAG)
         self._settle(sends)
-        if self.exchange is not None and not self.exchange.done:
-            self.exchange.run_round()  # after the activations: they never wait behind KV
-        if self.restore is not None and not self.restore.done:
-            self.restore.run_round()  # likewise for the weights coming back
+        if self._transfer_pending:  # after the activations: they never wait behind KV or weights
+            self._rounds_owed += 1
+        self._pay_rounds(self.round_lag)
+
+    def _pay_rounds(self, keep: int) -> None:
+        """Run owed rounds until ``keep`` are left (see the class docstring for the pairing)."""
+        while self._rounds_owed > keep:
+            self._rounds_owed -= 1
+            if self.exchange is not None and not self.exchange.done:
+                self.exchange.run_round()
+            if self.restore is not None and not self.restore.done:
+                self.restore.run_round()
 
     def _settle(self, sends: PendingSends) -> None:
         """Lockstep: this step's sends complete now. Overlapped: the leader takes a step's result
@@ -242,9 +269,11 @@ class StageWorker:
             self._pending.popleft().wait()
 
     def flush(self) -> None:
-        """Wait until every send of this stage was received (before a regroup or shutdown)."""
+        """Wait until every send of this stage was received and run the rounds still due (before
+        a regroup or shutdown: the leader's drain collects the steps in flight and runs theirs)."""
         while self._pending:
             self._pending.popleft().wait()
+        self._pay_rounds(0)
 
     def _sample(self, chunks, hidden: torch.Tensor, rows: torch.Tensor, tokens: dict, logits_out: dict) -> None:
         completing = [c for c in chunks if c.completes]
@@ -361,8 +390,8 @@ class PipelineRunner:
         return launched.plan, {**result.tokens, **self._sample_rows(launched.plan, result.logits)}
 
     def after_step(self) -> None:
-        """This engine step's round of a running KV exchange or weight restore: exactly one per
-        step, as every member runs one after its part of each step."""
+        """The round of a running KV exchange or weight restore for the step just collected:
+        exactly one per step, as every member runs one per step (``StageWorker`` pairs them)."""
         if self._kv_exchange_pending:
             self._holding |= set(self.exchange.run_round())  # resumed: members hold their blocks
         if self.restore is not None and not self.restore.done:

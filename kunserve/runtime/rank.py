@@ -118,6 +118,7 @@ def drain_rank(state: RankState) -> list[RequestOutput]:
     """Finish an overlapped pipeline's steps in flight: the leader takes their results, a stage
     waits until its sends were taken. No-op elsewhere."""
     if state.stage is not None:
+        run_deferred_step(state)  # rank 0 runs its stage's step at the start of the next cluster step
         state.stage.flush()
         return []
     return state.engine.drain()

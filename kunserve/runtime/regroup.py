@@ -39,7 +39,7 @@ from kunserve.policy.exchange import (PageTransfer, ResidentRequest, assign_owne
                                       schedule_exchange)
 from kunserve.runtime.kv_exchange import KVExchange, LeaderExchange, outbound_owner
 from kunserve.runtime.pipeline import GroupLayout, PipelineRunner, StageWorker
-from kunserve.runtime.transport import recv_object, send_object
+from kunserve.runtime.transport import activation_group, recv_object, send_object
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def merge_into_group(engine, order: MergeOrder, rank: int, group):
     manifest = _relayout(engine, order, rank, live)
     _gather_requests(engine, order, rank, group)
     schedule, capacity = _agree_on_schedule(engine, order, rank, manifest, group)
-    layout = GroupLayout(order.ranks, group, None)
+    layout = GroupLayout(order.ranks, group, activation_group())
     stats = MergeStats(0, time.perf_counter() - start)
     log.info("rank %d merged into group %s as stage %s: KV blocks %d (group %d), exchange of %d pages in %d "
              "rounds, %.3f s", rank, order.ranks, order.slice_of(rank), engine.block_manager.num_blocks, capacity,

@@ -11,10 +11,37 @@ import pickle
 import torch
 import torch.distributed as dist
 
+# Set by ``init_cluster_groups`` on every rank at start-up (see ``activation_group``).
+_activation_group = None
+
 # Pipeline control (steps, stage timings, results) shares the cluster's gloo group with rank 0's
 # commands and reports; an overlapped stage answers rank 0 before its step's result goes to the
 # leader, so the two streams need their own order.
 PIPELINE_TAG = 1
+
+
+def init_cluster_groups(timeout=None):
+    """Every rank, once, right after ``init_process_group`` (group creation is collective and
+    must happen in the same order everywhere). Returns the control group (gloo: rank 0's
+    commands and reports, pipeline control); also creates the activation group.
+
+    Hidden states between pipeline stages get their own communicator, apart from the default
+    group that KV-exchange and weight-pull rounds use: NCCL matches a pair's messages in the
+    order they were issued, and an overlapped leader sends step k + 1's activations before it
+    runs step k's round, while the member runs that round before it receives them."""
+    global _activation_group
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    control = dist.new_group(backend="gloo", **kwargs)
+    _activation_group = dist.new_group(**kwargs)  # the default backend: NCCL on GPUs, gloo on CPUs
+    return control
+
+
+def activation_group():
+    """The communicator for hidden states between pipeline stages (``init_cluster_groups``)."""
+    if _activation_group is None:
+        raise RuntimeError("pipelines need the activation group: call kunserve.runtime.transport."
+                           "init_cluster_groups() on every rank after init_process_group")
+    return _activation_group
 
 
 def _framed(obj) -> tuple[torch.Tensor, torch.Tensor]:
