@@ -1,7 +1,9 @@
-"""Control messages between ranks: picklable objects over a (gloo) process group.
+"""The cluster's process groups and control messages between ranks (picklable objects).
 
 Control traffic always uses a gloo group, also on GPUs where tensors move over NCCL, because
-gloo carries CPU tensors and its point-to-point ops need no device.
+gloo carries CPU tensors and its point-to-point ops need no device. Tensors use two device
+groups: the default one (KV-exchange and weight-pull rounds, splits) and the activation group
+(hidden states between pipeline stages), see ``init_cluster_groups``.
 """
 
 from __future__ import annotations
