@@ -48,3 +48,48 @@ def test_scheduler_step_overhead_with_1000_queued(benchmark):
     out = benchmark.pedantic(one_step, rounds=200, warmup_rounds=5)
     assert len(out.chunks) == 256  # every running request decodes; the queue waits on max_num_seqs
     assert scheduler.num_preemptions == 0
+
+
+def _detokenize_outputs(outputs: list[list[int]], decode_step) -> None:
+    """The engine's text work while ``outputs`` grow one token per request per step, each
+    request's token list growing in place as ``Request.output_token_ids`` does."""
+    grown = [[] for _ in outputs]
+    for n in range(len(outputs[0])):
+        for i, ids in enumerate(grown):
+            ids.append(outputs[i][n])
+            decode_step(i, ids)
+
+
+def test_detokenize_256_outputs_of_128_tokens_full_vs_incremental(benchmark, tiny_llama):
+    """Per-step text of 256 running requests: a full decode of each output (what the engine did
+    before) against IncrementalDetokenizer. extra_info: ms per engine step for each."""
+    import time
+
+    from kunserve.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_llama)
+    outputs = [[3 + (i * 7 + 11 * j) % 370 for j in range(128)] for i in range(256)]
+    full_texts = {}
+
+    def full(i, ids):
+        full_texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
+
+    start = time.perf_counter()
+    _detokenize_outputs(outputs, full)
+    full_ms = (time.perf_counter() - start) / 128 * 1e3
+
+    def incremental_run():
+        detokenizers = [IncrementalDetokenizer(tokenizer) for _ in range(256)]
+        texts = {}
+
+        def step(i, ids):
+            texts[i] = detokenizers[i].update(ids)
+
+        _detokenize_outputs(outputs, step)
+        return texts
+
+    texts = benchmark.pedantic(incremental_run, rounds=3, warmup_rounds=0)
+    assert texts == full_texts  # the same text, token for token
+    if not benchmark.disabled:
+        benchmark.extra_info["full_decode_ms_per_step"] = full_ms
+        benchmark.extra_info["incremental_ms_per_step"] = benchmark.stats.stats.median / 128 * 1e3

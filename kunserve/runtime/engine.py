@@ -26,7 +26,7 @@ from kunserve.runtime.request import Request, RequestStatus
 from kunserve.runtime.scheduler import Scheduler
 from kunserve.runtime.swap import HostSwapSpace, Swapper
 from kunserve.sampling_params import SamplingParams
-from kunserve.tokenizer import find_stop_string, load_tokenizer
+from kunserve.tokenizer import IncrementalDetokenizer, find_stop_string, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ class LLMEngine:
         self.runner = self.make_runner()
         self.requests: dict[str, Request] = {}
         self._next_virtual_engine = 0  # overlapped pipeline leaders step request sets in turn
-        self._text_len: dict[str, int] = {}
+        self._text_len: dict[str, int] = {}  # output characters already searched for stop strings
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # output text, a few tokens per step
         self._ids = itertools.count()
         log.info(
             "engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_model_len %d",
@@ -235,17 +236,34 @@ class LLMEngine:
             request_id, token_ids, params, limit, self.eos_token_ids,
             prompt=prompt if isinstance(prompt, str) else None, arrival_time=arrival_time,
         )
-        self.requests[request_id] = request
-        self._text_len[request_id] = 0
+        self.adopt_request(request)
         self.scheduler.add(request)
         return request_id
 
+    def adopt_request(self, request: Request, text_len: int = 0) -> None:
+        """Track ``request`` (new, or handed over by a merge, split or migration); its stop
+        strings were searched up to ``text_len`` characters."""
+        self.requests[request.request_id] = request
+        self._text_len[request.request_id] = text_len
+
+    def stop_search_offset(self, request_id: str) -> int:
+        """Output characters of the request already searched for stop strings."""
+        return self._text_len.get(request_id, 0)
+
+    def forget_request(self, request_id: str) -> Request | None:
+        """Stop tracking a request (finished, aborted, or handed to another instance)."""
+        self._text_len.pop(request_id, None)
+        self._detokenizers.pop(request_id, None)
+        return self.requests.pop(request_id, None)
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is None:
             return None
         self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
-        return self._output(request)
+        output = self._output(request)
+        self.forget_request(request_id)
+        return output
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -319,8 +337,7 @@ class LLMEngine:
             self._check_stop_strings(request)
             outputs.append(self._output(request))
             if request.status.finished:
-                del self.requests[request_id]
-                del self._text_len[request_id]
+                self.forget_request(request_id)
         return outputs
 
     def _check_stop_strings(self, request: Request) -> None:
@@ -337,9 +354,11 @@ class LLMEngine:
     def _decode(self, request: Request) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(
-            request.output_token_ids, skip_special_tokens=request.params.skip_special_tokens
-        )
+        detokenizer = self._detokenizers.get(request.request_id)
+        if detokenizer is None:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.skip_special_tokens)
+            self._detokenizers[request.request_id] = detokenizer
+        return detokenizer.update(request.output_token_ids)
 
     def _output(self, request: Request) -> RequestOutput:
         text = self._decode(request)

@@ -163,7 +163,7 @@ def _source_stage(engine, local: RankMigrations, task: MigrationTask, group) -> 
     total, full = -(-computed // bs), computed // bs
     final = total - out.sent_blocks <= local.final_blocks
     header = StageHeader(rid, FINAL if final else COPY, computed, out.sent_blocks, total if final else full,
-                         request if final else None, engine._text_len.get(rid, 0))
+                         request if final else None, engine.stop_search_offset(rid))
     send_object(header, dst, group)
     accepted, why = recv_object(dst, group)
     if not accepted:
@@ -211,8 +211,7 @@ def _forget(engine, request: Request) -> None:
     """The request now lives at the destination: free its blocks here and drop every trace."""
     engine.scheduler.running.remove(request)
     engine.block_manager.free(request.request_id)
-    del engine.requests[request.request_id]
-    engine._text_len.pop(request.request_id, None)
+    engine.forget_request(request.request_id)
 
 
 # -- destination side ---------------------------------------------------------------------------
@@ -277,8 +276,7 @@ def _install(engine, local: RankMigrations, header: StageHeader) -> None:
                                                                          // engine.block_manager.block_size)
     local.incoming.discard(request.request_id)
     engine.scheduler.running.append(request)
-    engine.requests[request.request_id] = request
-    engine._text_len[request.request_id] = header.text_len
+    engine.adopt_request(request, header.text_len)
 
 
 # -- rank 0: planning and bookkeeping -------------------------------------------------------------

@@ -183,8 +183,7 @@ def _gather_requests(engine, order: MergeOrder, rank: int, group) -> None:
         scheduler.running += running
         scheduler.waiting.extend(waiting)
         for request in running + waiting:
-            engine.requests[request.request_id] = request
-            engine._text_len[request.request_id] = 0
+            engine.adopt_request(request)
     scheduler.running.sort(key=lambda r: r.metrics.arrival_time)
     ordered = sorted(scheduler.waiting, key=lambda r: r.metrics.arrival_time)
     scheduler.waiting.clear()
@@ -351,14 +350,12 @@ def _resume_requests(engine, order: SplitOrder, rank: int, assignment, pieces, g
             send_object([r for r in everyone if assignment[r.request_id] == peer], peer, group)
             for r in everyone:
                 if assignment[r.request_id] == peer:
-                    engine.requests.pop(r.request_id, None)
-                    engine._text_len.pop(r.request_id, None)
+                    engine.forget_request(r.request_id)
         mine = [r for r in everyone if assignment[r.request_id] == rank]
     else:
         mine = recv_object(leader, group)
         for r in mine:
-            engine.requests[r.request_id] = r
-            engine._text_len[r.request_id] = 0
+            engine.adopt_request(r)
     scheduler.running[:] = sorted((r for r in mine if r.request_id in pieces), key=lambda r: r.metrics.arrival_time)
     scheduler.waiting.clear()
     scheduler.waiting.extend(sorted((r for r in mine if r.request_id not in pieces), key=lambda r: r.metrics.arrival_time))
