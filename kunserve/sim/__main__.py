@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from kunserve.bench.workload import add_workload_args, build_workload
-from kunserve.sim.config import MICRO_BATCHING, POLICIES, SimConfig
+from kunserve.sim.config import MICRO_BATCHING, PIPELINE_MODELS, POLICIES, SimConfig
 from kunserve.sim.hardware import GPUS, LINKS
 
 TRACE_ALIASES = {"azure-conv": "AzureLLMInferenceTrace_conv.csv", "azure-code": "AzureLLMInferenceTrace_code.csv"}
@@ -51,7 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batching", default="auto", choices=MICRO_BATCHING)
     p.add_argument("--micro-batch-tokens", type=int, default=None)
     p.add_argument("--no-pipeline-overlap", action="store_true",
-                   help="a pipeline step starts when the previous one is back (the runtime as built)")
+                   help="a pipeline step starts when the previous one is back (lockstep: no steps in flight)")
+    p.add_argument("--pipeline-model", default="sets", choices=PIPELINE_MODELS,
+                   help="overlapped pipelines: sets = the runtime's request sets, stepped exactly (default); "
+                        "analytic = each group step at its steady state (faster: decode stretches fast-forward)")
     p.add_argument("--swap-space-bytes", type=int, default=4 << 30)
     p.add_argument("--swap-bytes-per-step", type=int, default=512 << 20)
     p.add_argument("--restore-fraction", type=float, default=0.5)
@@ -82,7 +85,7 @@ def config_for(args: argparse.Namespace, policy: str) -> SimConfig:
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         weight_granularity=args.weight_granularity, pipeline_size=args.pipeline_size,
         micro_batching=args.micro_batching, micro_batch_tokens=args.micro_batch_tokens,
-        pipeline_overlap=not args.no_pipeline_overlap,
+        pipeline_overlap=not args.no_pipeline_overlap, pipeline_model=args.pipeline_model,
         swap_space_bytes=args.swap_space_bytes, swap_bytes_per_step=args.swap_bytes_per_step,
         restore_fraction=args.restore_fraction, min_hold_s=args.min_hold_s, max_group_size=args.max_group_size,
         exchange_chunk_s=args.exchange_chunk_s, exchange_overlap=not args.no_exchange_overlap,

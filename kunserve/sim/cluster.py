@@ -17,7 +17,9 @@ The policy objects decide; this module and the mechanism modules (``regroup``, `
 only execute and charge time. ``lockstep=True`` instead steps every unit together, each
 cluster step lasting as long as the slowest unit's step, like the CPU runtime's
 ``ClusterDriver`` (validation against real multi-rank runs); snapshots then refresh and the
-policies run after every cluster step, as rank 0 does.
+policies run after every cluster step, as rank 0 does. A cluster step is one engine iteration
+of every unit: for a group stepped by request sets, one launch and at most one collect (its
+stages keep computing the steps in flight across cluster steps).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class Regroups:
             config.shape.weight_layout(config.weight_granularity), config.full_block_bytes, config.kv_mapped_bytes,
             OverloadRules(config.restore_fraction, config.min_hold_s), config.max_group_size,
             exchange_chunk_bytes=config.exchange_chunk_bytes(), micro_batcher=config.micro_batcher("kunserve"),
-            clock=lambda: self.now)
+            clock=lambda: self.now, pipeline_overlap=config.pipeline_overlap)
         self.now = 0.0  # simulated seconds: the controller's clock
         self.waiting: list[tuple] = []  # (order, unit ids) of merges / splits not executed yet
         self.activating = 0  # executed, new units not stepping yet
@@ -105,7 +107,7 @@ class Regroups:
                 unit.pull = regroup.start_pull(order, unit, self.drop, self.config)
                 self.pulls.append(unit.pull)
 
-            sim.deliver(order.ranks[0], begin_pull, now)
+            sim.deliver(order.ranks[0], begin_pull, now, drain_first=True)  # the runtime drains first
             return
         if isinstance(order, regroup.MergeOrder):
             uids = [g.members[0] for g in order.source_groups]
@@ -239,14 +241,14 @@ class ClusterSim:
     def timer(self, t: float, callback) -> None:
         self._push(t, TIMER, 0, callback)
 
-    def deliver(self, uid: int, action, now: float) -> None:
-        """Queue ``action(unit, now)`` for ``uid``'s next boundary (starting an idle unit)."""
+    def deliver(self, uid: int, action, now: float, drain_first: bool = False) -> None:
+        """Queue ``action(unit, now)`` for ``uid``'s next boundary (starting an idle unit); with
+        ``drain_first`` for its first boundary without pipeline steps in flight."""
         unit = self.units[uid]
         if self.config.lockstep:  # every unit is between cluster steps: the next begin applies it
-            unit.inbox.append(action)
-            unit.delivered += 1
+            unit.enqueue(action, drain_first)
             return
-        self._push_step(unit, unit.deliver(action, now))
+        self._push_step(unit, unit.deliver(action, now, drain_first))
 
     def interrupt(self, uid: int, now: float) -> None:
         """Bring ``uid`` to a boundary soon: an idle unit pauses at once if it has a pending

@@ -22,6 +22,10 @@ from kunserve.sim.timing import FittedCost, PipelineTiming, RooflineCost, synthe
 
 POLICIES = ("vllm", "vllm-pp", "swap", "llumnix", "kunserve")
 MICRO_BATCHING = ("auto", "none", "token-budget", "lookahead")
+# how an overlapped pipeline (pipeline_overlap=True) is timed: "sets" steps request sets as the
+# runtime does (LLMEngine._overlapped_step: exact, per micro-batch, across steps); "analytic" prices
+# each step of the whole group at its steady state (faster: decode stretches fast-forward)
+PIPELINE_MODELS = ("sets", "analytic")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -59,8 +63,10 @@ class SimConfig:
     micro_batching: str = "auto"  # auto: lookahead for kunserve groups, token-budget for vllm-pp
     micro_batch_tokens: int | None = None  # token-budget size (default max_num_batched_tokens / 2)
     pipeline_overlap: bool = True  # consecutive steps overlap in a pipeline (timing.PipelineTiming)
-    # a pipeline of g members schedules g x max_num_seqs / max_num_batched_tokens (one budget per
-    # virtual engine, as vLLM's pipeline parallelism); False: one instance's budget (the runtime)
+    pipeline_model: str = "sets"  # PIPELINE_MODELS: how overlapped pipelines are timed
+    # a pipeline of g members has g x max_num_seqs and one max_num_batched_tokens per request set
+    # (one budget per virtual engine, as vLLM's pipeline parallelism): with "sets" each step is one
+    # set's, with "analytic" a step is all g sets' (g x the tokens); False: one instance's budgets
     pipeline_scales_limits: bool = True
     # swap (InferCept-style)
     swap_space_bytes: int = 4 * GiB
@@ -87,6 +93,8 @@ class SimConfig:
         _check(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}")
         _check(self.micro_batching in MICRO_BATCHING,
                f"micro_batching must be one of {MICRO_BATCHING}, got {self.micro_batching!r}")
+        _check(self.pipeline_model in PIPELINE_MODELS,
+               f"pipeline_model must be one of {PIPELINE_MODELS}, got {self.pipeline_model!r}")
         for name in ("instances", "tp", "block_size", "max_num_seqs", "max_num_batched_tokens", "pipeline_size",
                      "swap_space_bytes", "swap_bytes_per_step", "weight_granularity"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
@@ -196,7 +204,12 @@ class SimConfig:
         fractions = tuple(self.shape.slice_fraction(s) for s in slices)
         hop = self.link_spec if len(slices) > 1 else None
         return PipelineTiming(self.cost, fractions, hop, self.shape.hidden_size * self.shape.dtype_bytes, self.tp,
-                              fixed, per_seq, self.pipeline_overlap)
+                              fixed, per_seq, self.pipeline_overlap, self.request_sets)
+
+    @property
+    def request_sets(self) -> bool:
+        """Pipelined units step by request sets (the runtime's overlapped engine)."""
+        return self.pipeline_overlap and self.pipeline_model == "sets"
 
     def micro_batcher(self, for_policy: str):
         """The pipeline groups' micro-batch policy (None: one micro-batch per step)."""
@@ -212,9 +225,12 @@ class SimConfig:
         return make_batcher("lookahead", cost_model=cost_model, min_tokens=min_tokens)
 
     def limits(self, members: int) -> tuple[int, int]:
-        """(max_num_seqs, max_num_batched_tokens) of a unit of ``members`` instances."""
+        """(max_num_seqs, max_num_batched_tokens) of a unit of ``members`` instances. Scaled, a
+        group holds one instance's sequences per set; its step token budget is one set's when a
+        step is one set's (``request_sets``), else all sets' (the analytic group-wide step)."""
         scale = members if self.pipeline_scales_limits else 1
-        return self.max_num_seqs * scale, self.max_num_batched_tokens * scale
+        step_scale = 1 if members > 1 and self.request_sets else scale
+        return self.max_num_seqs * scale, self.max_num_batched_tokens * step_scale
 
     def exchange_chunk_bytes(self) -> int:
         return max(1, int(self.link_spec.bandwidth * self.tp * self.exchange_chunk_s))

@@ -17,10 +17,11 @@ per-instance load is the same at every cluster size.
 its own rate or replicated ``--upscale`` times), wall time of the simulation on one core.
 
 ``bubble``: issue 7's ablation, the pipeline bubble of the token-budget vs the lookahead
-micro-batcher under a burst, once with the lockstep flow shop (``pipeline_overlap=False``: the
-pipeline drains at the end of every step) and once with the analytic overlapped model (a step
-costs its bottleneck stage, so only a micro-batch holding more than a stage's share of the step
-leaves a bubble).
+micro-batcher under a burst, with the lockstep flow shop (``pipeline_overlap=False``: the
+pipeline drains at the end of every step), with the runtime's request sets (``pipeline_model=
+"sets"``: one set's step after another, stages carrying over from step to step) and with the
+analytic overlapped model (a step costs its bottleneck stage, so only a micro-batch holding more
+than a stage's share of the step leaves a bubble).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 import attrs
 
 from kunserve.bench import traces
-from kunserve.sim.config import POLICIES, SimConfig
+from kunserve.sim.config import PIPELINE_MODELS, POLICIES, SimConfig
 
 CONV = "AzureLLMInferenceTrace_conv.csv"
 
@@ -190,13 +191,18 @@ def speed(instances: int, upscale: float, policy: str, exact: bool = False) -> d
 
 
 BUBBLE_BATCHERS = ("token-budget", "lookahead")
+# (pipeline_overlap, pipeline_model): the lockstep flow shop, the runtime's request sets, analytic
+BUBBLE_MODELS = ((False, "sets"), (True, "sets"), (True, "analytic"))
 
 
 def _prefill_tally_sim(config: SimConfig, trace):
     """A ``ClusterSim`` whose units also count the member-seconds of their *prefill steps*
     (steps with a chunk of more than one token): with the lockstep flow shop a decode-only step
     below the batchers' split sizes is one micro-batch with a ~50% bubble whichever batcher runs,
-    so the batchers differ in these steps (what the paper's ablation measures under a burst)."""
+    so the batchers differ in these steps (what the paper's ablation measures under a burst).
+    With request sets a step's stages are spread over several engine iterations, so an
+    iteration counts as a prefill step's when the step it launches or one it collects is one:
+    the bubble while prefill work is in the pipeline."""
     from kunserve.sim.cluster import ClusterSim
     from kunserve.sim.instance import Unit
 
@@ -205,13 +211,11 @@ def _prefill_tally_sim(config: SimConfig, trace):
     class TallyUnit(Unit):
         prefill_busy_s = prefill_bubble_s = 0.0
 
-        def _duration(self, output, running_before):
-            busy, bubble = self.busy_s, self.bubble_s
-            seconds = super()._duration(output, running_before)
-            if any(c.num_tokens > 1 for c in output.chunks):  # stretches are decode-only
-                self.prefill_busy_s += self.busy_s - busy
-                self.prefill_bubble_s += self.bubble_s - bubble
-            return seconds
+        def _charge(self, busy, bubble, outputs):
+            super()._charge(busy, bubble, outputs)
+            if any(c.num_tokens > 1 for output in outputs for c in output.chunks):  # stretches: decode-only
+                self.prefill_busy_s += busy
+                self.prefill_bubble_s += bubble
 
     class TallySim(ClusterSim):
         def make_unit(self, uid, members, slices, scheduler, batcher):
@@ -229,18 +233,19 @@ def _ratio(num: float, den: float) -> float:
 
 def bubble_ablation(workload: BurstWorkload, policy: str = "vllm-pp", instances: int = 2,
                     **overrides) -> list[dict]:
-    """Per batcher (token-budget, lookahead) and pipeline model (``pipeline_overlap`` False, True)
-    on one trace: the run's ``bubble_fraction``, the bubble of its pipelined units only (kunserve's
-    unmerged instances have none), of their prefill steps only, TTFT P50 / P99 and TPOT P50.
+    """Per batcher (token-budget, lookahead) and pipeline model (``BUBBLE_MODELS``: lockstep,
+    request sets, analytic) on one trace: the run's ``bubble_fraction``, the bubble of its
+    pipelined units only (kunserve's unmerged instances have none), of their prefill steps only,
+    TTFT P50 / P99, TPOT P50 and the simulation's wall time.
     ``overrides``: more ``SimConfig`` fields."""
     from kunserve.sim.results import summarize
 
     trace = workload.build(instances)
     rows = []
-    for overlap in (False, True):
+    for overlap, model in BUBBLE_MODELS:
         for batcher in BUBBLE_BATCHERS:
             config = SimConfig(policy=policy, instances=instances, micro_batching=batcher, pipeline_overlap=overlap,
-                               **overrides)
+                               pipeline_model=model, **overrides)
             sim = _prefill_tally_sim(config, trace)
             run = sim.run()
             s = summarize(run)
@@ -248,7 +253,8 @@ def bubble_ablation(workload: BurstWorkload, policy: str = "vllm-pp", instances:
             prefill_busy = sum(u.prefill_busy_s for u in piped)
             prefill_bubble = sum(u.prefill_bubble_s for u in piped)
             rows.append({
-                "policy": policy, "pipeline_overlap": overlap, "micro_batching": batcher,
+                "policy": policy, "pipeline_overlap": overlap, "pipeline_model": model if overlap else "lockstep",
+                "micro_batching": batcher,
                 "min_tokens": config.batch_model[1] if batcher == "lookahead" else None,
                 "micro_batch_tokens": config.micro_batch_tokens or config.max_num_batched_tokens // 2,
                 "bubble_fraction": s["bubble_fraction"],
@@ -264,15 +270,16 @@ def bubble_ablation(workload: BurstWorkload, policy: str = "vllm-pp", instances:
 def format_bubble_rows(rows: list[dict]) -> str:
     """A markdown table of ``bubble_ablation``'s rows."""
     lines = ["| pipeline model | micro-batching | bubble (run) | bubble (pipelines) | bubble (prefill steps) | "
-             "prefill steps' share | TTFT p50 | TTFT p99 | TPOT p50 |", "|---|---|---|---|---|---|---|---|---|"]
+             "prefill steps' share | TTFT p50 | TTFT p99 | TPOT p50 | sim wall |", "|---" * 10 + "|"]
     for r in rows:
-        model = "overlapped (analytic)" if r["pipeline_overlap"] else "lockstep flow shop"
+        model = {"lockstep": "lockstep flow shop", "sets": "overlapped (request sets)",
+                 "analytic": "overlapped (analytic)"}[r["pipeline_model"]]
         batcher = (f"lookahead (MIN {r['min_tokens']})" if r["micro_batching"] == "lookahead"
                    else f"token-budget ({r['micro_batch_tokens']})")
         lines.append(f"| {model} | {batcher} | {r['bubble_fraction']:.1%} | {r['pipeline_bubble_fraction']:.1%} | "
                      f"{r['prefill_bubble_fraction']:.1%} | {r['prefill_stage_share']:.0%} | "
                      f"{r['ttft_p50_s'] * 1e3:,.0f} ms | {r['ttft_p99_s'] * 1e3:,.0f} ms | "
-                     f"{r['tpot_p50_s'] * 1e3:.1f} ms |")
+                     f"{r['tpot_p50_s'] * 1e3:.1f} ms | {r['wall_s']:.1f} s |")
     return "SIMULATION (kunserve.sim)\n" + "\n".join(lines)
 
 
@@ -304,6 +311,9 @@ def _main(argv) -> int:
     paper.add_argument("--lengths", choices=("burstgpt-mean", "azure-conv"), default="burstgpt-mean",
                        help="burstgpt-mean: uniform around 642 in / 262 out (the paper's BurstGPT means); "
                             "azure-conv: drawn from the Azure conversation trace")
+    paper.add_argument("--pipeline-model", default="sets", choices=PIPELINE_MODELS,
+                       help="overlapped pipelines (vllm-pp, kunserve groups): the runtime's request sets, "
+                            "or the analytic steady state (faster: its decode stretches fast-forward)")
     paper.add_argument("--out", default="out/sim-paper")
     paper.add_argument("--no-plots", action="store_true")
     fig = sub.add_parser("figure", help="draw the paper-style figure from saved runs")
@@ -315,7 +325,7 @@ def _main(argv) -> int:
     sp.add_argument("--policy", default="vllm", choices=POLICIES)
     sp.add_argument("--exact", action="store_true")
     sp.add_argument("--out", default=None)
-    bub = sub.add_parser("bubble", help="pipeline bubble: token-budget vs lookahead, lockstep vs overlapped")
+    bub = sub.add_parser("bubble", help="pipeline bubble: token-budget vs lookahead; lockstep, request sets, analytic")
     bub.add_argument("--policy", default="vllm-pp", choices=("vllm-pp", "kunserve"))
     bub.add_argument("--instances", type=int, default=2)
     bub.add_argument("--model", default="qwen2.5-14b")
@@ -353,7 +363,8 @@ def _main(argv) -> int:
                                  **({} if args.lengths == "burstgpt-mean" else {"input_len": None, "output_len": None}))
         results = {}
         for n in args.instances:
-            report = run_paper(n, workload, Path(args.out) / f"{n}-instances", args.policies, not args.no_plots)
+            report = run_paper(n, workload, Path(args.out) / f"{n}-instances", args.policies, not args.no_plots,
+                               pipeline_model=args.pipeline_model)
             results[n] = headline(report)
             print(json.dumps(results[n], indent=1))
         (Path(args.out) / "headline.json").write_text(json.dumps(results, indent=1) + "\n")

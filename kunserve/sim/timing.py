@@ -19,6 +19,12 @@ share of the layers, micro-batches flowing through the stages (a flow shop: micr
 enters stage ``s`` when it left stage ``s - 1`` and stage ``s`` finished micro-batch
 ``m - 1``), activations hopping between members over the link, plus the host's per-step
 overhead. The idle stage time inside a step is the pipeline bubble.
+
+With ``request_sets`` (the runtime's overlapped groups) the flow shop does not restart at every
+step: ``StageClocks.launch`` pushes one step's micro-batches through stages whose free times
+carry over from the steps launched before, and returns when stage 0 is done and when the
+result is back at the leader; the ``Unit`` decides which step to launch and which
+result to collect, as ``LLMEngine._overlapped_step`` does.
 """
 
 from __future__ import annotations
@@ -213,7 +219,9 @@ class PipelineTiming:
     steps in flight (vLLM's virtual engines): the next step's micro-batches fill those bubbles,
     so a step costs its bottleneck stage's busy time, or one micro-batch's trip through every
     stage if that is longer; decode steps are split into one micro-batch per stage (by request
-    count, prefix shares proportional) so every stage has work.
+    count, prefix shares proportional) so every stage has work. ``request_sets`` (with
+    ``overlap``) replaces that steady state for groups by the runtime's own stepping: the ``Unit``
+    launches one request set's step per iteration into ``StageClocks`` and collects the oldest.
     """
 
     cost: StepCost
@@ -224,12 +232,23 @@ class PipelineTiming:
     overhead_s: float = 0.0
     overhead_per_seq_s: float = 0.0
     overlap: bool = False
+    # with overlap: step the group by request sets, iteration by iteration (``launch``; the Unit
+    # drives it) instead of the analytic steady state of ``step_seconds`` / ``decode_seconds``
+    request_sets: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not self.fractions or abs(sum(self.fractions) - 1.0) > 1e-9:
             raise ValueError(f"stage fractions must sum to 1, got {self.fractions}")
         if len(self.fractions) > 1 and self.hop is None:
             raise ValueError("a pipeline of several members needs a link between them")
+        if self.request_sets and not self.overlap:
+            raise ValueError("request sets are how an overlapped pipeline steps: set overlap=True")
+
+    @property
+    def steps_by_sets(self) -> bool:
+        """True for a group of >= 2 members stepped as the runtime's request sets (a single
+        instance has nothing to overlap and keeps the plain step)."""
+        return self.request_sets and self.stages > 1
 
     @property
     def stages(self) -> int:
@@ -241,6 +260,10 @@ class PipelineTiming:
 
     def _host(self, num_seqs):
         return self.overhead_s + self.overhead_per_seq_s * num_seqs
+
+    def host_seconds(self, num_seqs: int) -> float:
+        """The leader's host work for a step of ``num_seqs`` scheduled requests."""
+        return self._host(num_seqs)
 
     def _decode_parts(self, num_seqs, prefix_sum):
         """(step seconds without host work, busy member-seconds) of one-token steps (elementwise)."""
@@ -291,3 +314,42 @@ class PipelineTiming:
             longest = max(longest, whole + (g - 1) * hop)
         span = max(max(self.fractions) * busy, longest) if self.overlap and g > 1 else finish[-1]
         return StepTime(span + self._host(num_seqs), busy, g * span - busy if g > 1 else 0.0)
+
+
+@attrs.frozen
+class LaunchedStep:
+    """A step of an overlapped group, launched into stage 0 and in flight until collected."""
+
+    output: object  # the step's SchedulerOutput: applied (scheduler.update) when collected
+    stage0_done: float  # when the leader finished its own layers of every micro-batch
+    result_at: float  # the last stage's finish of the last micro-batch + the hop back
+    busy: float  # member-seconds computed: the whole forward of each micro-batch
+
+
+class StageClocks:
+    """When each stage of an overlapped group is next free (absolute simulated seconds): what a
+    flow shop carries from one step to the next when steps are not drained in between.
+    Invariant: ``free[s]`` only grows; stage ``s`` runs micro-batches strictly in launch order."""
+
+    def __init__(self, stages: int):
+        self.free = [0.0] * stages
+
+    def launch(self, timing: PipelineTiming, parts, start: float, output=None) -> LaunchedStep:
+        """Push one step's micro-batches, ``parts`` = [(whole-forward seconds, tokens)] in order,
+        through the stages from ``start`` (when the leader's host work is done). Stage 0 is the
+        leader: it computes its share of each micro-batch in turn and sends it on; stage ``s``
+        starts a micro-batch when it is free and the activations arrived. An empty step (no
+        micro-batches) computes nothing; its result comes back after the last stage's earlier
+        work, so results arrive in launch order."""
+        free, busy = self.free, 0.0
+        stage0_done = start
+        for whole, tokens in parts:
+            hop = timing.hop_seconds(tokens)
+            ready = start
+            for s, share in enumerate(timing.fractions):
+                free[s] = max(free[s], ready) + share * whole
+                ready = free[s] + hop
+            stage0_done = free[0]
+            busy += whole
+        last = free[-1] if parts else max(start, free[-1])
+        return LaunchedStep(output, stage0_done, last + timing.hop.latency_s, busy)

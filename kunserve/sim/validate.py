@@ -77,6 +77,7 @@ def sim_config(args: argparse.Namespace, policy: str, profile: str, cal: Calibra
         block_size=args.block_size, max_num_seqs=256,
         max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
         weight_granularity=4096, micro_batching="none", pipeline_overlap=runtime_overlaps(args),
+        pipeline_model="sets",  # overlapped groups step by request sets, as the real leader does
         pipeline_scales_limits=False, min_hold_s=args.restore_hold_s,
         exchange_overlap=False, monitor_interval_s=0.01, fast_forward=False, lockstep=True,
         vmm_seconds_per_chunk=0.0)
