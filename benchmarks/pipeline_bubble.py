@@ -6,7 +6,8 @@ group's steps overlapped across stages (``--pipeline-overlap on``) and in lockst
 
 A random Llama of the given size is written with transformers, profiled on this CPU with
 ``python -m kunserve.profile`` (the lookahead policy's cost model and MIN tokens), then served by
-``torchrun -m kunserve.serve --policy vllm-pp`` (2 ranks, one static 2-stage pipeline) under
+``torchrun -m kunserve.serve --policy vllm-pp`` (2 ranks, one static 2-stage pipeline; or
+``--serve-policy kunserve``: two instances that merge into a 2-stage group under the burst) under
 each micro-batch policy while ``kunserve.bench serve`` sends the burst over HTTP. The bubble is
 the idle share of the stages' step time (``kunserve_pipeline_bubble_fraction``): every stage
 reports its compute seconds per step and the leader the step's wall time. Prints a table, then
@@ -41,13 +42,15 @@ def pipeline_metrics(base_url: str) -> dict[str, float]:
 
 
 def run_policy(model: Path, profile: Path, policy: str, overlap: str, args) -> dict:
-    serve_args = ["--policy", "vllm-pp", "--micro-batching", policy, "--pipeline-overlap", overlap, "--block-size", "16",
+    serve_args = ["--policy", args.serve_policy, "--micro-batching", policy, "--pipeline-overlap", overlap, "--block-size", "16",
                   "--max-model-len", str(2 * args.input_len + args.output_len),  # len-jitter 0.5 stays inside
                   "--max-num-batched-tokens", str(args.budget), "--num-kv-blocks", str(args.kv_blocks)]
     if policy == "token-budget":
         serve_args += ["--micro-batch-tokens", str(args.budget // 2)]
     if policy == "lookahead":
         serve_args += ["--cost-profile", str(profile)]
+    if args.serve_policy == "kunserve":  # the group lives until the burst is served
+        serve_args += ["--restore-hold-s", "600"]
     cluster = LocalCluster(model, 2, serve_args, served_model_name="m", log_level="WARNING")
     try:
         bench = serve_bench.parse_args([
@@ -73,6 +76,9 @@ def main() -> None:
     p.add_argument("--overlap", nargs="+", default=["on", "off"], choices=["on", "off"],
                    help="--pipeline-overlap settings to run (on: steps in flight across stages; off: lockstep)")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    p.add_argument("--serve-policy", default="vllm-pp", choices=["vllm-pp", "kunserve"],
+                   help="vllm-pp: one static 2-stage pipeline; kunserve: 2 instances that merge into one when "
+                        "the burst overloads them (give a small --kv-blocks), measured over the group's steps")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kunserve-bubble-"))
     model = make_tiny_checkpoint(work / "model", hidden_size=args.hidden, intermediate_size=4 * args.hidden,
