@@ -186,7 +186,7 @@ def synthetic_profile(cost: StepCost, max_context: int = 8192, max_batch_tokens:
     the lookahead batcher needs when the clock is a roofline. On the Qwen-2.5-14B / H100 roofline
     its mean relative error over the grid is 1.4% (the additive form's: 12.6%)."""
     from kunserve.policy.cost_model import BatchSample
-    from kunserve.profile import GridSpec, make_grid, min_tokens_from_sweep
+    from kunserve.policy.profile_grid import GridSpec, make_grid, min_tokens_from_sweep
 
     spec = GridSpec(max_context, max_batch_tokens, 256, 64 * max_context, 16)
     samples = [BatchSample([ChunkWork(str(i), p, c) for i, (p, c) in enumerate(chunks)],
