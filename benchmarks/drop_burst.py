@@ -21,19 +21,15 @@ import httpx
 
 from kunserve.bench import serve as serve_bench
 from kunserve.bench._launch import LocalCluster
+from kunserve.bench.compare import parse_prometheus
 from kunserve.models.tiny import make_tiny_checkpoint
 
 POOL = ["--num-kv-blocks", "16", "--block-size", "4", "--max-model-len", "64", "--max-num-batched-tokens", "64"]
 
 
 def counters(base_url: str) -> dict[str, float]:
-    values = {}
-    for line in httpx.get(f"{base_url}/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            key = name.split("{")[0].removeprefix("kunserve_")
-            values[key] = values.get(key, 0.0) + float(value)
-    return values
+    """Every /metrics series summed over its labels."""
+    return {name: sum(series.values()) for name, series in parse_prometheus(httpx.get(f"{base_url}/metrics").text).items()}
 
 
 def run_policy(model: Path, policy: str, args) -> dict:
