@@ -80,7 +80,8 @@ def main() -> None:
         run_rank(RankState(engine, rank, rank), group)
     else:
         drop = ScriptedDrop(weight_layout_of(engine.memory, engine.model_config.num_layers), engine.memory.block_bytes,
-                            engine.memory.unified.kv_mapped_bytes, OverloadRules(0.5, 0.0), exchange_chunk_bytes=chunk_bytes)
+                            engine.memory.unified.kv_mapped_bytes, OverloadRules(0.5, 0.0), exchange_chunk_bytes=chunk_bytes,
+                            pipeline_overlap=os.environ.get("REGROUP_OVERLAP", "1") == "1")
         if os.environ.get("REGROUP_REVERSED") == "1":
             drop.planner = ReversedPairs(drop.planner)
         driver = ClusterDriver(engine, 4, group, drop=drop)

@@ -23,10 +23,12 @@ MAX_TOKENS = 24
 SCRIPT = Path(__file__).with_name("regroup_cluster.py")
 
 
-def run_cluster(model_dir: Path, tmp_path: Path, chunk_bytes: int, reversed_pairs: bool = False) -> tuple[dict, str]:
+def run_cluster(model_dir: Path, tmp_path: Path, chunk_bytes: int, reversed_pairs: bool = False,
+                overlap: bool = True) -> tuple[dict, str]:
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "REGROUP_PROMPTS": json.dumps(PROMPTS),
-           "REGROUP_MAX_TOKENS": str(MAX_TOKENS), "REGROUP_REVERSED": "1" if reversed_pairs else "0"}
+           "REGROUP_MAX_TOKENS": str(MAX_TOKENS), "REGROUP_REVERSED": "1" if reversed_pairs else "0",
+           "REGROUP_OVERLAP": "1" if overlap else "0"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
                            str(SCRIPT), str(model_dir), str(out), str(chunk_bytes)],
                           env=env, capture_output=True, text=True, timeout=300)
@@ -73,3 +75,12 @@ def test_rank0_as_a_non_leading_stage_through_exchange_pull_and_split_token_exac
     assert merges[2][1] == "(1, 3, 0, 2)"  # rank 0 the third of four stages
     assert len(re.findall(r"KV exchange done after (\d+) rounds", log)) == 3
     assert log.count("rank 0 pulled its dropped weights back") == 1 and log.count("left group (1, 3, 0, 2)") == 4
+
+
+def test_lockstep_groups_exchange_pull_and_split_token_exact(llama_dir, reference, tmp_path):
+    """``--pipeline-overlap off`` groups: the leader runs each step's round right after the step,
+    members too (round lag 0); same merges, rounds and outputs."""
+    result, log = run_cluster(llama_dir, tmp_path, chunk_bytes=1, overlap=False)
+    assert result["tokens"] == reference
+    assert len(re.findall(r"KV exchange done after (\d+) rounds", log)) == 3
+    assert log.count("left group (0, 2, 1, 3)") == 4
