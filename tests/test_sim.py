@@ -373,7 +373,8 @@ def _sets_unit(cost, requests, hop_latency_s=1e-4, host_s=0.0, budget=8192):
     """A 2-stage group stepped by request sets around a real Scheduler; ``requests``:
     (prompt tokens, output tokens) each, queued at time 0 in order."""
     from kunserve.sim.hardware import Link
-    from kunserve.sim.instance import Unit, UnitEnv
+    from kunserve.sim.instance import UnitEnv
+    from kunserve.sim.request_sets import RequestSetsUnit
 
     timing = PipelineTiming(cost, (0.5, 0.5), Link("test", 1e15, hop_latency_s), 0, 1, host_s, 0.0,
                             overlap=True, request_sets=True)
@@ -383,7 +384,7 @@ def _sets_unit(cost, requests, hop_latency_s=1e-4, host_s=0.0, budget=8192):
         scheduler.add(Request(f"q{i}", [0] * prompt, SamplingParams(max_tokens=output, ignore_eos=True),
                               prompt + output, arrival_time=0.0))
         logs[f"q{i}"] = RequestLog(0.0, prompt, output, True)
-    unit = Unit(0, (0, 1), ((0, 1), (1, 2)), scheduler, timing, UnitEnv(logs, fast_forward=False))
+    unit = RequestSetsUnit(0, (0, 1), ((0, 1), (1, 2)), scheduler, timing, UnitEnv(logs, fast_forward=False))
     assert unit.steps_by_sets
     return unit, logs
 
@@ -441,7 +442,7 @@ def test_imbalanced_consecutive_steps_leave_a_bubble_balanced_ones_almost_none()
 def test_regroups_and_pulls_wait_for_the_steps_in_flight(trace, monkeypatch):
     """kunserve under request sets: a merge, a restore's pull and a split each find their units
     drained (LLMEngine.drain), and no collected output is applied to a unit after it was replaced."""
-    from kunserve.sim.instance import Unit
+    from kunserve.sim.request_sets import RequestSetsUnit as Unit
 
     replaced, drains_with_work = set(), []
     merge, split, start_pull = sim_regroup.merge, sim_regroup.split, sim_regroup.start_pull

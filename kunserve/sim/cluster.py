@@ -45,6 +45,7 @@ from kunserve.sim import regroup
 from kunserve.sim.config import SimConfig
 from kunserve.sim.hardware import LINKS
 from kunserve.sim.instance import Unit, UnitEnv, UnitState
+from kunserve.sim.request_sets import RequestSetsUnit
 from kunserve.sim.migration import Migrations
 from kunserve.sim.records import RequestLog
 
@@ -185,8 +186,13 @@ class ClusterSim:
         self._build_units()
 
     # -- construction -----------------------------------------------------------------------------
+    # the unit classes: plain, and a group stepped by request sets (a subclass may count more)
+    unit_class, sets_unit_class = Unit, RequestSetsUnit
+
     def make_unit(self, uid, members, slices, scheduler, batcher) -> Unit:
-        unit = Unit(uid, tuple(members), tuple(slices), scheduler, self.config.timing(tuple(slices)), self.env, batcher)
+        timing = self.config.timing(tuple(slices))
+        cls = self.sets_unit_class if timing.steps_by_sets else self.unit_class
+        unit = cls(uid, tuple(members), tuple(slices), scheduler, timing, self.env, batcher)
         unit.version = next(self._versions)
         return unit
 

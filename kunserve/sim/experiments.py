@@ -205,10 +205,11 @@ def _prefill_tally_sim(config: SimConfig, trace):
     the bubble while prefill work is in the pipeline."""
     from kunserve.sim.cluster import ClusterSim
     from kunserve.sim.instance import Unit
+    from kunserve.sim.request_sets import RequestSetsUnit
 
     # subclasses rather than a counter in Unit: only this ablation splits the bubble by step kind
 
-    class TallyUnit(Unit):
+    class Tally:
         prefill_busy_s = prefill_bubble_s = 0.0
 
         def _charge(self, busy, bubble, outputs):
@@ -217,12 +218,14 @@ def _prefill_tally_sim(config: SimConfig, trace):
                 self.prefill_busy_s += busy
                 self.prefill_bubble_s += bubble
 
+    class TallyUnit(Tally, Unit):
+        pass
+
+    class TallySetsUnit(Tally, RequestSetsUnit):
+        pass
+
     class TallySim(ClusterSim):
-        def make_unit(self, uid, members, slices, scheduler, batcher):
-            unit = TallyUnit(uid, tuple(members), tuple(slices), scheduler, self.config.timing(tuple(slices)),
-                             self.env, batcher)
-            unit.version = next(self._versions)
-            return unit
+        unit_class, sets_unit_class = TallyUnit, TallySetsUnit
 
     return TallySim(config, trace)
 

@@ -10,12 +10,9 @@ steps, ``fastforward.py``) and returns when the step ends; at that time ``finish
 ``update()`` (or materialises the stretch), one KV-exchange round if the unit is exchanging
 after a merge, then the *inbox*.
 
-An overlapped pipeline group (``PipelineTiming.steps_by_sets``) steps as the runtime's leader
-does (``LLMEngine._overlapped_step``): a step is one *engine iteration*: schedule the next
-request set, launch its step into stage 0, and collect the oldest step in flight once more than
-``stages - 1`` are; ``finish`` applies the *collected* step's output, not the launched one. A
-regroup order (or a restore's pull) first drains: iterations that only collect, until nothing
-is in flight, as ``LLMEngine.drain`` does before the group changes.
+An overlapped pipeline group (``PipelineTiming.steps_by_sets``) is a ``RequestSetsUnit``
+(``request_sets.py``): its steps are the runtime leader's engine iterations, with steps in flight
+across them; ``ClusterSim.make_unit`` picks the class.
 
 Inbox invariant: nothing from outside (new requests, migrations, regroup orders) touches the
 scheduler while a step is in flight; it is queued and applied at the next step boundary, as the
@@ -43,7 +40,7 @@ from kunserve.runtime.engine import LLMEngine
 from kunserve.runtime.scheduler import Scheduler, SchedulerOutput
 from kunserve.sim.fastforward import DecodeStretch, materialize, plan_stretch, tokens_left
 from kunserve.sim.hardware import Link
-from kunserve.sim.timing import LaunchedStep, PipelineTiming, StageClocks, Work
+from kunserve.sim.timing import LaunchedStep, PipelineTiming, Work
 
 
 class UnitState(enum.Enum):
@@ -105,9 +102,10 @@ class Unit:
     """Invariants: ``state`` is STEPPING iff a STEP_END event with ``version`` is pending, and
     then (plain units) exactly one of ``output`` / ``stretch`` is set; ``boundary`` is the
     snapshot after the last completed step (or after the merge / split that created the unit).
-    A group stepped by request sets: ``in_flight`` holds its launched, uncollected steps (at most
-    ``stages - 1`` between iterations), it is never IDLE or PAUSED with steps in flight, and
+    ``in_flight`` (launched, uncollected steps) is only ever non-empty in a ``RequestSetsUnit``;
     ``drain_actions`` (outside changes that need an empty pipeline) wait until it is empty."""
+
+    steps_by_sets = False  # RequestSetsUnit: the runtime's overlapped request sets
 
     def __init__(self, uid: int, members: tuple[int, ...], slices: tuple[tuple[int, int], ...],
                  scheduler: Scheduler, timing: PipelineTiming, env: UnitEnv, batcher=None):
@@ -129,13 +127,8 @@ class Unit:
         self.delivered = self.boundary_delivered = 0
         self.steps_exact = self.steps_ff = self.stretches = 0
         self.busy_s = self.bubble_s = self.stage_s = 0.0  # member-seconds: computing, idle in steps, in all
-        # request sets (overlapped groups only)
-        self.in_flight: deque[LaunchedStep] = deque()  # launched, not yet collected, oldest first
-        self.clocks = StageClocks(timing.stages)
+        self.in_flight: deque[LaunchedStep] = deque()  # launched, not yet collected (RequestSetsUnit)
         self.drain_actions: list = []  # inbox actions waiting for an empty pipeline (a pull's start)
-        self._next_set = 0
-        self._collected: list[LaunchedStep] = []  # what the iteration in flight collects
-        self._round_due = False  # the iteration in flight runs a transfer round at its end
         self._view = _EngineView(self)
         self.boundary = self.snapshot_now()
 
@@ -184,10 +177,6 @@ class Unit:
         return [(r, -(-r.num_computed_tokens // bs), tokens_left(r))
                 for r in self.scheduler.running if r.num_output_tokens > 0 and r.num_uncomputed_tokens == 1]
 
-    @property
-    def steps_by_sets(self) -> bool:
-        return self.timing.steps_by_sets
-
     # -- outside changes -------------------------------------------------------------------------
     def enqueue(self, action, drain_first: bool = False) -> None:
         """Queue ``action(unit, now)`` for the next boundary; with ``drain_first``, for the first
@@ -229,8 +218,6 @@ class Unit:
     def begin(self, now: float) -> float | None:
         """Start the next step (or stretch) at ``now``; returns its end, or None (idle/paused)."""
         self.output = self.stretch = self.step_end = None
-        if self.steps_by_sets:
-            return self._begin_iteration(now)
         if self.pending is not None:
             self.state = UnitState.PAUSED
             return None
@@ -320,8 +307,6 @@ class Unit:
     def finish(self, now: float) -> tuple[bool, list]:
         """The step (or stretch) ending at ``now``: returns (eventful, finished requests)."""
         logs = self.env.logs
-        if self.steps_by_sets:
-            return self._finish_iteration(now)
         if self.stretch is not None:
             finished = materialize(self.stretch, self.scheduler, self.bm, logs)
             self.steps_ff += self.stretch.n
@@ -348,105 +333,3 @@ class Unit:
             # its last token's step end: inside a stretch that is before ``now``
             log.finished_at, log.preemptions, log.unit = log.last, request.metrics.num_preemptions, self.uid
             log.finishes += 1
-
-    # -- request sets: an overlapped group's engine iterations ---------------------------------------
-    def _begin_iteration(self, now: float) -> float | None:
-        """One iteration of the runtime's overlapped leader: drain (collect only) if the group is
-        about to change or has nothing left to run, else launch the next set's step and collect
-        the oldest step once more than ``stages - 1`` are in flight. Returns the iteration's end."""
-        self._collected, self._round_due = [], False
-        if self.pending is not None or self.drain_actions or not self.has_work:
-            return self._drain_iteration(now)
-        sets = self.timing.stages
-        virtual_engine = self._next_set % sets
-        running_before = len(self.scheduler.running)
-        output = self.scheduler.schedule(virtual_engine, sets)
-        if not (output.chunks or self.scheduler.running or self.exchanging):
-            return self._drain_iteration(now)  # e.g. a head request that can never fit: nothing runs
-        self._next_set = (virtual_engine + 1) % sets
-        swaps = output.swapped_out + output.swapped_in
-        self._eventful = bool(output.preempted or swaps or self.exchanging
-                              or len(self.scheduler.running) != running_before
-                              or any(c.num_tokens != 1 for c in output.chunks))
-        # the leader's host work (scheduling, applying the previous result) and any swap copies
-        # come before stage 0 starts this step's forward
-        start = now + self.timing.host_seconds(len(output.chunks))
-        if swaps:
-            start += self._swap_seconds(output)
-        launched = self.clocks.launch(self.timing, self._stage_parts(output.chunks), start, output)
-        self.in_flight.append(launched)
-        self.output = output
-        end = self._collect(now, launched.stage0_done, len(self.in_flight) - (sets - 1))
-        outputs = (output, *(step.output for step in self._collected))
-        self._charge(launched.busy, sets * (end - now) - launched.busy, outputs)
-        return self._stepping_until(end)
-
-    def _drain_iteration(self, now: float) -> float | None:
-        """Collect without launching (``LLMEngine.drain``); at an empty pipeline the unit pauses
-        for its regroup order or idles. While a transfer runs, one step per iteration, as each
-        collect is followed by its round."""
-        if not self.in_flight:
-            self.state = UnitState.PAUSED if self.pending is not None else UnitState.IDLE
-            return None
-        self._eventful = False
-        count = 1 if self.transfer is not None else len(self.in_flight)
-        end = self._collect(now, now, count)
-        self._charge(0.0, self.timing.stages * (end - now), tuple(step.output for step in self._collected))
-        return self._stepping_until(end)
-
-    def _collect(self, now: float, end: float, count: int) -> float:
-        """Take the ``count`` oldest steps in flight (their outputs are applied at ``finish``);
-        the iteration ends when stage 0 is done (``end``) and their results are back, plus one
-        transfer round if any was collected: it overlaps the iteration from its start with
-        ``exchange_overlap`` (the coordinated exchange sends KV between activations), else the
-        leader runs it after the collect."""
-        for _ in range(max(0, count)):
-            step = self.in_flight.popleft()
-            self._collected.append(step)
-            end = max(end, step.result_at)
-        if self._collected and self.transfer is not None:
-            round_s = self.transfer.next_round_seconds()
-            end = max(end, now + round_s) if self.env.exchange_overlap else end + round_s
-            self._round_due = True
-        return end
-
-    def _stepping_until(self, end: float) -> float:
-        self.state = UnitState.STEPPING
-        self.version += 1
-        self.step_end = end
-        return end
-
-    def _stage_parts(self, chunks) -> list[tuple[float, int]]:
-        """[(whole-forward seconds, tokens)] of the step's micro-batches, in pipeline order. A
-        decode step the batcher keeps whole is priced in closed form (no ChunkWork lists)."""
-        if not chunks:
-            return []
-        if all(c.num_tokens == 1 for c in chunks) and decode_is_one_micro_batch(self.batcher, len(chunks)):
-            prefix = sum(c.request.num_computed_tokens for c in chunks)
-            return [(float(self.timing.cost.decode_seconds(len(chunks), prefix)), len(chunks))]
-        return [(self.timing.cost.batch_seconds(mb), sum(c.num_tokens for c in mb))
-                for mb in self._micro_batches(chunks)]
-
-    def _finish_iteration(self, now: float) -> tuple[bool, list]:
-        """The iteration ending at ``now``: apply the collected steps' outputs, run the transfer
-        round that pairs with them, then the inbox (and, once drained, the drain actions)."""
-        finished = []
-        for step in self._collected:
-            finished += self._apply_collected(step.output, now)
-        if self._round_due:
-            self.transfer.run_round(now)
-        self.steps_exact += 1
-        self._log_finished(finished)
-        self._collected, self._round_due, self.output = [], False, None
-        self.refresh_boundary(now)
-        return self._eventful, finished
-
-    def _apply_collected(self, output: SchedulerOutput, now: float) -> list:
-        """``LLMEngine._apply``: a token for each completing chunk whose request still runs on
-        the KV it was scheduled over (one preempted meanwhile gets none); ``update`` skips the rest."""
-        logs = self.env.logs
-        tokens = [c.request.request_id for c in output.chunks if Scheduler.is_current(c) and c.completes]
-        finished = self.scheduler.update(output, {request_id: 0 for request_id in tokens})
-        for request_id in tokens:
-            logs[request_id].add(now)
-        return finished
