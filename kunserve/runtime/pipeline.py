@@ -184,6 +184,20 @@ class _ComputeTimer:
         return self.seconds
 
 
+def transfer_pending(exchange: KVExchange | None, restore: WeightRestore | None) -> bool:
+    """KV still moving after a merge, or weights still coming back before a split."""
+    return any(t is not None and not t.done for t in (exchange, restore))
+
+
+def run_transfer_round(exchange: KVExchange | None, restore: WeightRestore | None) -> list[str]:
+    """One round of whichever transfer is running (leader and members alike); returns the
+    requests whose KV is complete on every member after it."""
+    ready = exchange.run_round() if exchange is not None and not exchange.done else []
+    if restore is not None and not restore.done:
+        restore.run_round()
+    return ready
+
+
 class StageWorker:
     """A non-leader member: runs its layer slice for every step the leader sends and, while a KV
     exchange (after a merge) or a weight pull (before a split) runs, one round of it per step.
@@ -212,9 +226,6 @@ class StageWorker:
     def round_lag(self) -> int:
         return max(0, len(self.layout.ranks) - 2) if self.overlap else 0
 
-    @property
-    def _transfer_pending(self) -> bool:
-        return any(t is not None and not t.done for t in (self.exchange, self.restore))
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -246,7 +257,7 @@ class StageWorker:
         else:
             sends.send_object(StageResult(tokens, logits, stage_busy), self.layout.leader, control, PIPELINE_TAG)
         self._settle(sends)
-        if self._transfer_pending:  # after the activations: they never wait behind KV or weights
+        if transfer_pending(self.exchange, self.restore):  # after the activations: they never wait behind KV or weights
             self._rounds_owed += 1
         self._pay_rounds(self.round_lag)
 
@@ -254,10 +265,7 @@ class StageWorker:
         """Run owed rounds until ``keep`` are left (see the class docstring for the pairing)."""
         while self._rounds_owed > keep:
             self._rounds_owed -= 1
-            if self.exchange is not None and not self.exchange.done:
-                self.exchange.run_round()
-            if self.restore is not None and not self.restore.done:
-                self.restore.run_round()
+            run_transfer_round(self.exchange, self.restore)
 
     def _settle(self, sends: PendingSends) -> None:
         """Lockstep: this step's sends complete now. Overlapped: the leader takes a step's result
@@ -321,7 +329,7 @@ class PipelineRunner:
     def exchange_pending(self) -> bool:
         """KV still moving after a merge, or weights still coming back before a split: the
         group must not be regrouped meanwhile."""
-        return self._kv_exchange_pending or (self.restore is not None and not self.restore.done)
+        return transfer_pending(self.exchange, self.restore)
 
     @property
     def _kv_exchange_pending(self) -> bool:
@@ -392,10 +400,7 @@ class PipelineRunner:
     def after_step(self) -> None:
         """The round of a running KV exchange or weight restore for the step just collected:
         exactly one per step, as every member runs one per step (``StageWorker`` pairs them)."""
-        if self._kv_exchange_pending:
-            self._holding |= set(self.exchange.run_round())  # resumed: members hold their blocks
-        if self.restore is not None and not self.restore.done:
-            self.restore.run_round()
+        self._holding |= set(run_transfer_round(self.exchange, self.restore))  # resumed: members hold their blocks
 
     def _sample_rows(self, plan: SchedulerOutput, rows: dict[str, torch.Tensor]) -> dict[str, int]:
         if not rows:

@@ -258,12 +258,9 @@ class PipelineTiming:
         """Activation transfer of ``tokens`` tokens to the next member (elementwise)."""
         return self.hop.latency_s + tokens * self.act_bytes_per_token / (self.hop.bandwidth * self.lanes)
 
-    def _host(self, num_seqs):
+    def host_seconds(self, num_seqs):
+        """The leader's host work for a step of ``num_seqs`` scheduled requests (elementwise)."""
         return self.overhead_s + self.overhead_per_seq_s * num_seqs
-
-    def host_seconds(self, num_seqs: int) -> float:
-        """The leader's host work for a step of ``num_seqs`` scheduled requests."""
-        return self._host(num_seqs)
 
     def _decode_parts(self, num_seqs, prefix_sum):
         """(step seconds without host work, busy member-seconds) of one-token steps (elementwise)."""
@@ -286,7 +283,7 @@ class PipelineTiming:
     def decode_seconds(self, num_seqs, prefix_sum):
         """A step of one-token chunks (elementwise over steps); the stages' shares of one
         forward add up to the whole forward."""
-        return self._decode_parts(num_seqs, prefix_sum)[0] + self._host(num_seqs)
+        return self._decode_parts(num_seqs, prefix_sum)[0] + self.host_seconds(num_seqs)
 
     def decode_busy(self, num_seqs, prefix_sum):
         """Member-seconds of compute in such a step (for the bubble statistics)."""
@@ -313,7 +310,7 @@ class PipelineTiming:
             busy += whole
             longest = max(longest, whole + (g - 1) * hop)
         span = max(max(self.fractions) * busy, longest) if self.overlap and g > 1 else finish[-1]
-        return StepTime(span + self._host(num_seqs), busy, g * span - busy if g > 1 else 0.0)
+        return StepTime(span + self.host_seconds(num_seqs), busy, g * span - busy if g > 1 else 0.0)
 
 
 @attrs.frozen
