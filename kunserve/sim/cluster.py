@@ -32,129 +32,24 @@ import time
 from kunserve.policy.dispatch import LoadBalancingDispatcher
 from kunserve.policy.drop import balanced_cuts
 from kunserve.policy.migration import MigrationPlanner, MigrationRules
-from kunserve.policy.overload import OverloadRules
 from kunserve.policy.preemption import SwapPreemption
 from kunserve.policy.snapshot import ClusterSnapshot
 from kunserve.runtime.block_manager import BlockManager
-from kunserve.runtime.drop_controller import DropController
 from kunserve.runtime.request import Request
 from kunserve.runtime.scheduler import Scheduler
 from kunserve.runtime.swap import HostBlockPool
 from kunserve.sampling_params import SamplingParams
-from kunserve.sim import regroup
 from kunserve.sim.config import SimConfig
 from kunserve.sim.hardware import LINKS
 from kunserve.sim.instance import Unit, UnitEnv, UnitState
 from kunserve.sim.request_sets import RequestSetsUnit
 from kunserve.sim.migration import Migrations
 from kunserve.sim.records import RequestLog
+from kunserve.sim.regroup import Regroups
 
 log = logging.getLogger(__name__)
 
 STEP_END, TIMER, TICK, ARRIVAL = 0, 1, 2, 3
-
-
-class Regroups:
-    """Drop / restore orders from the runtime's ``DropController`` (on the simulated clock,
-    its ``clock``), executed by ``regroup.merge``, ``regroup.start_pull`` and
-    ``regroup.split``. Merges and splits wait until every unit involved is at a boundary; a
-    ``pull`` starts at the group's next boundary and runs while it serves. While any order is
-    not yet in effect the controller is not asked again (the runtime's rank 0 executes orders
-    in the very next step, so it never sees them pending)."""
-
-    def __init__(self, config: SimConfig):
-        self.config = config
-        self.drop = DropController(
-            config.shape.weight_layout(config.weight_granularity), config.full_block_bytes, config.kv_mapped_bytes,
-            OverloadRules(config.restore_fraction, config.min_hold_s), config.max_group_size,
-            exchange_chunk_bytes=config.exchange_chunk_bytes(), micro_batcher=config.micro_batcher("kunserve"),
-            clock=lambda: self.now, pipeline_overlap=config.pipeline_overlap)
-        self.now = 0.0  # simulated seconds: the controller's clock
-        self.waiting: list[tuple] = []  # (order, unit ids) of merges / splits not executed yet
-        self.activating = 0  # executed, new units not stepping yet
-        self.pulls_pending = 0  # pull orders not yet applied at the group's boundary
-        self.merges = self.splits = 0
-        self.exchange_bytes = self.restore_bytes = 0
-        self.merge_pauses: list[float] = []
-        self.restore_seconds: list[float] = []
-        self.events: list[tuple[float, str, tuple]] = []  # (time, "drop" | "pull" | "restore", members)
-        self.exchanges: list = []  # SimLeaderExchange of every merge (stall times)
-        self.pulls: list = []  # SimWeightPull of every restore
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.waiting) or self.activating > 0 or self.pulls_pending > 0
-
-    def on_monitor(self, sim, now: float) -> None:
-        if self.busy:
-            return
-        snapshot = sim.cluster_snapshot()
-        self.now = now
-        orders = self.drop.plan(snapshot) + self.drop.plan_restore(snapshot)
-        for order in orders:
-            self._issue(sim, order, now)
-
-    def on_eventful(self, sim, unit: Unit, now: float) -> None:
-        if unit.boundary.num_waiting:  # the only way a step can create overload
-            self.on_monitor(sim, now)
-
-    def _issue(self, sim, order, now: float) -> None:
-        if isinstance(order, regroup.SplitOrder) and order.phase == "pull":
-            self.pulls_pending += 1
-            self.events.append((now, "pull", order.ranks))
-
-            def begin_pull(unit: Unit, _t: float) -> None:
-                self.pulls_pending -= 1
-                unit.pull = regroup.start_pull(order, unit, self.drop, self.config)
-                self.pulls.append(unit.pull)
-
-            sim.deliver(order.ranks[0], begin_pull, now, drain_first=True)  # the runtime drains first
-            return
-        if isinstance(order, regroup.MergeOrder):
-            uids = [g.members[0] for g in order.source_groups]
-        else:
-            uids = [order.ranks[0]]
-        self.waiting.append((order, uids))
-        for uid in uids:
-            sim.units[uid].pending = order
-            sim.interrupt(uid, now)
-        self.try_execute(sim, now)
-
-    def try_execute(self, sim, now: float) -> None:
-        ready = [(o, uids) for o, uids in self.waiting if all(sim.units[u].state is UnitState.PAUSED for u in uids)]
-        for order, uids in ready:
-            self.waiting.remove((order, uids))
-            units = [sim.units[u] for u in uids]
-            for unit in units:
-                unit._apply_inbox(now)  # requests that arrived while it was paused
-            if isinstance(order, regroup.MergeOrder):
-                group, pause, nbytes = regroup.merge(order, units, self.drop, self.config, sim.make_unit, now)
-                self.now = now
-                self.drop.merged()
-                self.merges += 1
-                self.exchange_bytes += nbytes
-                self.merge_pauses.append(pause)
-                self.exchanges.append(group.exchange)
-                self.events.append((now, "drop", order.ranks))
-                sim.replace_units(units, [group], now + pause)
-            else:
-                singles, seconds, nbytes = regroup.split(order, units[0], self.drop, self.config, sim.make_unit)
-                self.splits += 1
-                self.restore_bytes += nbytes
-                self.restore_seconds.append(seconds)
-                self.events.append((now, "restore", order.ranks))
-                sim.replace_units(units, singles, now + seconds)
-
-    def metrics(self) -> dict:
-        stalls = [s for e in self.exchanges for s in e.sim_stalls]
-        return {"drops": self.merges, "restores": self.splits, "drop_fallbacks": self.drop.fallbacks,
-                "kv_bytes_exchanged": self.exchange_bytes, "split_kv_bytes": self.restore_bytes,
-                "weight_bytes_pulled": sum(p.total_bytes for p in self.pulls),
-                "merge_pause_s_max": max(self.merge_pauses, default=0.0),
-                "split_pause_s_max": max(self.restore_seconds, default=0.0),
-                "exchanged_requests": len(stalls), "exchange_stall_s_max": max(stalls, default=0.0),
-                "exchange_stall_s_mean": sum(stalls) / len(stalls) if stalls else 0.0,
-                "events": [(round(t, 6), kind, list(members)) for t, kind, members in self.events]}
 
 
 class ClusterSim:
