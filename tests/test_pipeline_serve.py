@@ -53,6 +53,10 @@ def test_pipeline_groups_are_token_exact(llama_dir, reference, nproc, pipeline, 
         preemptions = sum(float(line.split()[-1]) for line in metrics.splitlines()
                           if line.startswith("kunserve_preemptions_total{"))
         assert preemptions > 0  # the small pool really preempted inside the pipeline
+        continued = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                        if line.startswith("kunserve_prefill_chunks_continued_total{"))
+        # overlapped: 45-token prompts in 16-token steps ride in the other sets' steps too
+        assert (continued > 0) == (overlap == "on")
         survivors_before = cluster.child_processes()
     finally:
         code, out = cluster.stop()

@@ -228,3 +228,88 @@ def test_set_numbers_from_a_larger_group_fold_into_the_current_sets():
     stepped = plan_of(s.schedule(virtual_engine=0, num_virtual_engines=2)) + \
         plan_of(s.schedule(virtual_engine=1, num_virtual_engines=2))
     assert sorted(stepped) == [("a", 1), ("b", 1), ("c", 1), ("d", 1)]  # nobody starves
+
+
+def chunks_of(output):
+    return [(c.request.request_id, c.start, c.num_tokens, c.completes) for c in output.chunks]
+
+
+def test_a_prompt_continues_in_the_other_sets_step_while_its_chunk_is_in_flight():
+    # one 20-token prompt, an 8-token budget: set 0 takes [0, 8); set 1, stepping before that
+    # result is back, takes the next chunk [8, 16) after it (its prefix KV is written first: every
+    # stage runs steps in launch order); set 0 then takes the last one, which samples
+    s = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=8)
+    s.add(req("a", 20))
+    first = s.schedule(virtual_engine=0, num_virtual_engines=2)
+    second = s.schedule(virtual_engine=1, num_virtual_engines=2)
+    assert chunks_of(first) == [("a", 0, 8, False)] and chunks_of(second) == [("a", 8, 8, False)]
+    assert s.num_continued_prefill_chunks == 1
+    a = first.chunks[0].request
+    assert a.virtual_engine == 0 and a.num_computed_tokens == 0 and a.num_in_flight_tokens == 16
+    assert len(s.block_manager.block_table("a")) == 4  # blocks for every in-flight token
+    s.update(first, {})
+    third = s.schedule(virtual_engine=0, num_virtual_engines=2)
+    assert chunks_of(third) == [("a", 16, 4, True)]
+    # the chunk that samples is in flight: nobody may schedule past it, whatever the set
+    assert a.num_unscheduled_tokens == 0
+    assert plan_of(s.schedule(virtual_engine=1, num_virtual_engines=2)) == []
+    s.update(second, {})
+    s.update(third, {"a": 7})
+    assert (a.num_computed_tokens, a.num_in_flight_tokens, a.output_token_ids) == (20, 0, [7])
+    assert chunks_of(s.schedule(virtual_engine=0, num_virtual_engines=2)) == [("a", 20, 1, True)]
+
+
+def test_continued_prompts_come_after_the_sets_own_requests_and_before_admissions():
+    s = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=8)
+    s.add(req("a", 20))
+    s.add(req("b", 2))
+    s.update(s.schedule(virtual_engine=1, num_virtual_engines=2), {})  # a: [0, 8) in set 1
+    s.add(req("c", 4))
+    out = s.schedule(virtual_engine=0, num_virtual_engines=2)
+    assert chunks_of(out) == [("a", 8, 8, False)]  # running before waiting: b and c wait
+    s.update(out, {})
+    decode = s.schedule(virtual_engine=1, num_virtual_engines=2)
+    assert chunks_of(decode) == [("a", 16, 4, True), ("b", 0, 2, True), ("c", 0, 2, False)]
+
+
+def test_a_decode_and_a_prompts_last_token_stay_with_their_own_set():
+    s = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=8)
+    s.add(req("a", 9))
+    s.add(req("b", 2))
+    first = s.schedule(virtual_engine=0, num_virtual_engines=2)  # a: [0, 8), one token left
+    assert chunks_of(first) == [("a", 0, 8, False)]
+    s.update(first, {})
+    s.update(s.schedule(virtual_engine=1, num_virtual_engines=2), {"b": 7})  # only b, admitted
+    # set 0's a (1 token left) and set 1's b (a decode) are not taken by the other set
+    assert plan_of(s.schedule(virtual_engine=1, num_virtual_engines=2)) == [("b", 1)]
+
+
+def test_a_continuation_never_preempts_and_blocks_admission_where_blocks_run_out():
+    # 5 blocks of 4 tokens: a (set 0) gets [0, 8) (2 blocks), then [8, 16) in set 1's step
+    # (2 more); its next chunk [16, 24) needs a 6th block: set 1's step neither preempts for it
+    # nor admits the newer b into the one free block a will need
+    s = Scheduler(BlockManager(num_blocks=5, block_size=4), max_num_seqs=8, max_num_batched_tokens=8)
+    s.add(req("a", 24))
+    s.update(s.schedule(virtual_engine=0, num_virtual_engines=2), {})
+    s.add(req("b", 4))
+    s.update(s.schedule(virtual_engine=1, num_virtual_engines=2), {})  # budget spent on a: b waits
+    a = s.running[0]
+    assert a.num_computed_tokens == 16 and [r.request_id for r in s.running] == ["a"]
+    out = s.schedule(virtual_engine=1, num_virtual_engines=2)
+    assert chunks_of(out) == [] and out.preempted == () and s.num_preemptions == 0
+    assert [r.request_id for r in s.waiting] == ["b"] and s.block_manager.num_free_blocks == 1
+
+
+def test_preempting_a_request_with_chunks_in_flight_drops_them():
+    s = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=8)
+    s.add(req("a", 20))
+    first = s.schedule(virtual_engine=0, num_virtual_engines=2)
+    second = s.schedule(virtual_engine=1, num_virtual_engines=2)
+    a = first.chunks[0].request
+    s.running.remove(a)
+    s.preempt(a)
+    assert (a.num_computed_tokens, a.num_in_flight_tokens) == (0, 0)
+    s.update(first, {})
+    s.update(second, {})
+    assert (a.num_computed_tokens, a.num_in_flight_tokens) == (0, 0)
+    assert chunks_of(s.schedule(virtual_engine=0, num_virtual_engines=2)) == [("a", 0, 8, False)]

@@ -26,6 +26,7 @@ class InstanceSnapshot:
     # swap preemption (--policy swap); zero under the other policies
     num_swap_preemptions: int = 0
     num_recompute_fallbacks: int = 0  # victims recomputed because the swap space was full
+    num_continued_prefill_chunks: int = 0  # prompt chunks that rode in another request set's step
     swapped_out_bytes: int = 0
     swapped_in_bytes: int = 0
     exchanging: bool = False  # a group still moving KV after a merge or weights before a split: no new order

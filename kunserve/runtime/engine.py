@@ -280,6 +280,7 @@ class LLMEngine:
             queued_blocks=sum(needed), num_preemptions=self.scheduler.num_preemptions,
             num_swap_preemptions=self.scheduler.num_swap_preemptions,
             num_recompute_fallbacks=self.scheduler.num_recompute_fallbacks,
+            num_continued_prefill_chunks=self.scheduler.num_continued_prefill_chunks,
             swapped_out_bytes=self.swapper.swapped_out_bytes if self.swapper else 0,
             swapped_in_bytes=self.swapper.swapped_in_bytes if self.swapper else 0,
             exchanging=getattr(self.runner, "exchange_pending", False),

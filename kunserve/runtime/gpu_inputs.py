@@ -47,7 +47,7 @@ class HostStep:
               table_cache: "BlockTableCache | None" = None) -> "HostStep":
         b, bs = len(chunks), block_manager.block_size
         requests = [c.request for c in chunks]
-        starts = np.fromiter((r.num_computed_tokens for r in requests), np.int64, b)
+        starts = np.fromiter((c.start for c in chunks), np.int64, b)
         qlens = np.fromiter((c.num_tokens for c in chunks), np.int64, b)
         ids = list(chain.from_iterable(
             r.token_ids[s:s + n] for r, s, n in zip(requests, starts.tolist(), qlens.tolist())))

@@ -31,7 +31,7 @@ def prepare_inputs(output: SchedulerOutput, block_manager: BlockManager, device)
     ids, positions, query_lens, context_lens, tables = [], [], [], [], []
     logits_indices, sampling_ids = [], []
     for chunk in output.chunks:
-        request, start = chunk.request, chunk.request.num_computed_tokens
+        request, start = chunk.request, chunk.start
         end = start + chunk.num_tokens
         ids.extend(request.token_ids[start:end])
         positions.extend(range(start, end))

@@ -94,14 +94,14 @@ def form_micro_batches(plan: SchedulerOutput, batcher) -> tuple[tuple[StageChunk
         return ()
     chunks = {c.request.request_id: c for c in plan.chunks}
     if batcher is None:
-        return (tuple(_stage_chunk(c, c.request.num_computed_tokens, c.num_tokens) for c in plan.chunks),)
-    work = [ChunkWork(rid, c.request.num_computed_tokens, c.num_tokens) for rid, c in chunks.items()]
+        return (tuple(_stage_chunk(c, c.start, c.num_tokens) for c in plan.chunks),)
+    work = [ChunkWork(rid, c.start, c.num_tokens) for rid, c in chunks.items()]
     return tuple(tuple(_stage_chunk(chunks[w.request_id], w.prefix, w.num_tokens) for w in mb)
                  for mb in batcher.form(work))
 
 
 def _stage_chunk(chunk, start: int, num_tokens: int) -> StageChunk:
-    end = chunk.request.num_computed_tokens + chunk.num_tokens
+    end = chunk.start + chunk.num_tokens
     return StageChunk(chunk.request.request_id, start, num_tokens, chunk.completes and start + num_tokens == end,
                       chunk.request.params.greedy)
 

@@ -28,8 +28,10 @@ class Request:
 
     Invariants: ``token_ids`` = prompt followed by generated tokens;
     ``0 <= num_computed_tokens <= len(token_ids)`` counts tokens whose K/V are in the cache;
-    ``len(token_ids) <= max_total_tokens``. Recompute preemption resets ``num_computed_tokens``
-    to 0, after which prompt and outputs are prefilled again.
+    ``num_computed_tokens + num_in_flight_tokens <= len(token_ids)``: in-flight tokens are in
+    chunks of steps launched but not yet applied (an overlapped pipeline), so the next chunk
+    starts after them; ``len(token_ids) <= max_total_tokens``. Recompute preemption resets both
+    counts to 0, after which prompt and outputs are prefilled again.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class Request:
         self.max_total_tokens = max_total_tokens
         self.eos_token_ids = () if params.ignore_eos else eos_token_ids
         self.num_computed_tokens = 0
+        self.num_in_flight_tokens = 0
         self.status = RequestStatus.WAITING
         # Which of an overlapped pipeline's request sets steps it (runtime/pipeline.py); 0 elsewhere.
         self.virtual_engine = 0
@@ -73,6 +76,12 @@ class Request:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_unscheduled_tokens(self) -> int:
+        """Tokens no step has been given yet: 0 while the chunk that samples the next token is
+        in flight (that token is not known before its result is applied)."""
+        return len(self.token_ids) - self.num_computed_tokens - self.num_in_flight_tokens
 
     def append_token(self, token_id: int, now: float) -> None:
         self.token_ids.append(token_id)

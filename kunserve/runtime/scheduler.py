@@ -28,18 +28,23 @@ log = logging.getLogger(__name__)
 
 @attrs.frozen
 class ScheduledChunk:
-    """``num_tokens`` tokens of ``request`` starting at ``request.num_computed_tokens``."""
+    """``num_tokens`` tokens of ``request`` from token ``start`` on: by default where its
+    computed tokens end; later when earlier chunks of it are still in flight (the scheduler
+    passes it)."""
 
     request: Request
     num_tokens: int
     # The request's preemption count when scheduled: a result arriving after the request was
     # preempted (an overlapped pipeline's step in flight) belongs to KV that is gone.
     epoch: int = 0
+    start: int = attrs.field(default=attrs.Factory(lambda self: self.request.num_computed_tokens, takes_self=True))
 
     @property
     def completes(self) -> bool:
-        """True when this chunk reaches the request's last token, so a new token is sampled."""
-        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+        """True when this chunk reaches the request's last token, so a new token is sampled.
+        (A request is never scheduled past a completing chunk in flight, so its length is the
+        same when the chunk's result is applied.)"""
+        return self.start + self.num_tokens == self.request.num_tokens
 
 
 @attrs.frozen
@@ -59,7 +64,9 @@ class SchedulerOutput:
 
 class Scheduler:
     """Invariants: a request is in exactly one of ``waiting`` / ``running`` or finished;
-    every running request holds blocks for all its computed tokens; ``running`` is in
+    every running request holds blocks for all its computed and in-flight tokens; a request is
+    scheduled again while chunks of it are in flight only if none of them completes it (the
+    next token is not known before that chunk's result is applied); ``running`` is in
     admission order, so its tail is the newest request (the preemption victim). A request in
     ``swapped`` is waiting and its host blocks hold the KV of all its computed tokens."""
 
@@ -74,6 +81,7 @@ class Scheduler:
         self._swap_in: list[SwapOp] = []
         self.num_swap_preemptions = 0
         self.num_recompute_fallbacks = 0
+        self.num_continued_prefill_chunks = 0
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -105,7 +113,8 @@ class Scheduler:
     def schedule(self, virtual_engine: int | None = None, num_virtual_engines: int = 1) -> SchedulerOutput:
         """The next step's chunks. With ``virtual_engine`` set (an overlapped pipeline leader),
         only that request set's running requests are stepped or preempted (the other sets'
-        steps are still in flight) and admitted requests join it."""
+        steps are still in flight), the other sets' prompts still being prefilled get their next
+        chunks if the budget and free blocks allow, and admitted requests join the set."""
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
@@ -115,19 +124,52 @@ class Scheduler:
         for request in [r for r in self.running if virtual_engine is None or r.virtual_engine == virtual_engine]:
             if budget <= 0 or request.request_id in preempted:
                 break  # out of tokens, or reached the newest requests, preempted for older ones
-            num_tokens = min(request.num_uncomputed_tokens, budget)
+            num_tokens = min(request.num_unscheduled_tokens, budget)
+            if num_tokens == 0:
+                continue  # its prompt's last chunk went with another set's step; its token is not back
             if not self._make_room(request, num_tokens, preempted, virtual_engine):
                 break  # the request itself was preempted; it was the newest
             chunks.append(self._admit_chunk(request, num_tokens))
             budget -= num_tokens
-        if not preempted:
+        out_of_blocks = False
+        if virtual_engine is not None and not preempted:
+            budget, out_of_blocks = self._continue_prefills(budget, chunks, virtual_engine)
+        if not (preempted or out_of_blocks):
             budget = self._admit_waiting(budget, chunks, virtual_engine or 0)
         return SchedulerOutput(tuple(chunks), tuple(preempted), tuple(self._swap_out), tuple(self._swap_in))
 
+    def _continue_prefills(self, budget: int, chunks: list[ScheduledChunk], virtual_engine: int
+                           ) -> tuple[int, bool]:
+        """Give the next chunks of other sets' prompts to this set's step, oldest first, without
+        preempting anyone for them. Under a burst with scarce KV one long prompt is often the
+        only prefill admitted; held to its own set's steps, it would alternate full steps with the
+        other sets' decode-only ones, and those unequal steps idle the stages (a bubble of about
+        a stage's share of the full step). Its chunks may ride in any set's step: every stage
+        runs steps in launch order, so a chunk's prefix KV is written before any later step reads
+        it (vLLM v1 schedules chunked prefills of in-flight requests the same way). Requests
+        with one token left (a decode, a prompt's last token) stay with their own set.
+        Returns the budget left and whether a prompt found no free blocks for its chunk: then
+        nobody is admitted in this step either (FCFS: a newer request must not take the blocks
+        an older one needs; its own set's step preempts for it if it must)."""
+        for request in self.running:
+            if budget <= 0:
+                break
+            if request.virtual_engine == virtual_engine or request.num_unscheduled_tokens < 2:
+                continue
+            num_tokens = min(request.num_unscheduled_tokens, budget)
+            end = request.num_computed_tokens + request.num_in_flight_tokens + num_tokens
+            if not self.block_manager.can_allocate(request.request_id, end):
+                return budget, True
+            chunks.append(self._admit_chunk(request, num_tokens))
+            budget -= num_tokens
+            self.num_continued_prefill_chunks += 1
+        return budget, False
+
     def _rebalance(self, virtual_engine: int, num_virtual_engines: int) -> None:
         """Keep the request sets within one request of each other: this set's newest excess
-        requests (none of them in flight: this set is about to step) move to the smallest sets
-        and run at their next step. Sets drift apart as requests finish, and a merge resumes
+        requests (no step of this set is in flight: it is about to step; a prompt chunk of one of
+        them may ride in another set's step, which moving it does not disturb) move to the
+        smallest sets and run at their next step. Sets drift apart as requests finish, and a merge resumes
         exchanged requests with the sets they had before."""
         sizes = [0] * num_virtual_engines
         for r in self.running:
@@ -148,7 +190,7 @@ class Scheduler:
                    virtual_engine: int | None = None) -> bool:
         """Preempt newest requests (of ``virtual_engine``'s set) until ``request`` can grow;
         False if it was preempted."""
-        target = request.num_computed_tokens + num_tokens
+        target = request.num_computed_tokens + request.num_in_flight_tokens + num_tokens
         while not self.block_manager.can_allocate(request.request_id, target):
             victim = self._pop_newest(virtual_engine)
             if not (self.preemption.swaps and self._swap_out_victim(victim)):
@@ -204,6 +246,7 @@ class Scheduler:
         self.block_manager.free(victim.request_id)
         self.swapped[victim.request_id] = host_blocks
         victim.status = RequestStatus.WAITING  # num_computed_tokens is kept: nothing is recomputed
+        victim.num_in_flight_tokens = 0  # chunks in flight belong to the old epoch: dropped
         victim.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.num_swap_preemptions += 1
@@ -229,10 +272,12 @@ class Scheduler:
             self.host_pool.free(host_blocks)
 
     def _admit_chunk(self, request: Request, num_tokens: int) -> ScheduledChunk:
-        self.block_manager.allocate(request.request_id, request.num_computed_tokens + num_tokens)
+        start = request.num_computed_tokens + request.num_in_flight_tokens
+        self.block_manager.allocate(request.request_id, start + num_tokens)
         if request.metrics.first_scheduled_time is None:
             request.metrics.first_scheduled_time = time.time()
-        return ScheduledChunk(request, num_tokens, request.metrics.num_preemptions)
+        request.num_in_flight_tokens += num_tokens  # until ``update`` applies the step's result
+        return ScheduledChunk(request, num_tokens, request.metrics.num_preemptions, start=start)
 
     def preempt_newest(self) -> bool:
         """Preempt the newest running request (recompute later); False if none is running."""
@@ -244,7 +289,7 @@ class Scheduler:
     def preempt(self, request: Request) -> None:
         """``request`` (already removed from ``running``) goes back to the head of the queue."""
         self.block_manager.free(request.request_id)
-        request.num_computed_tokens = 0
+        request.num_computed_tokens = request.num_in_flight_tokens = 0  # results in flight are dropped
         request.status = RequestStatus.WAITING
         request.metrics.num_preemptions += 1
         self.num_preemptions += 1
@@ -263,6 +308,7 @@ class Scheduler:
                 continue  # aborted or preempted while its step was in flight (overlapped pipeline)
             completes = chunk.completes
             request.num_computed_tokens += chunk.num_tokens
+            request.num_in_flight_tokens -= chunk.num_tokens
             if not completes:
                 continue  # a partial prefill chunk: its sample is meaningless
             request.append_token(sampled[request.request_id], now)

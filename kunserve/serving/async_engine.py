@@ -293,6 +293,7 @@ class AsyncEngine:
                 "preemptions_total": i.num_preemptions,
                 "swap_preemptions_total": i.num_swap_preemptions,
                 "recompute_fallbacks_total": i.num_recompute_fallbacks,
+                "prefill_chunks_continued_total": i.num_continued_prefill_chunks,
                 "swapped_out_bytes_total": i.swapped_out_bytes,
                 "swapped_in_bytes_total": i.swapped_in_bytes,
             }

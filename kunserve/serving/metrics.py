@@ -29,6 +29,7 @@ HELP = {
     "kv_cache_free_blocks": "Free KV-cache blocks.",
     "kv_cache_total_blocks": "KV-cache blocks in the pool.",
     "preemptions_total": "Recompute preemptions since start.",
+    "prefill_chunks_continued_total": "Prompt chunks an overlapped pipeline ran in another request set's step.",
     "requests_total": "Finished requests by finish reason.",
     "prompt_tokens_total": "Prompt tokens of admitted requests.",
     "generation_tokens_total": "Generated tokens.",

@@ -274,7 +274,7 @@ class Unit:
         if chunks and all(c.num_tokens == 1 for c in chunks) and decode_is_one_micro_batch(self.batcher, len(chunks)):
             # the very function a fast-forwarded stretch uses, so both give the same bits
             alive = np.array([len(chunks)], dtype=np.int64)
-            prefix = np.array([sum(c.request.num_computed_tokens for c in chunks)], dtype=np.int64)
+            prefix = np.array([sum(c.start for c in chunks)], dtype=np.int64)
             seconds = self.timing.decode_seconds(alive, prefix)[0]
             self._account_decode(alive, prefix)
         else:
@@ -291,8 +291,8 @@ class Unit:
 
     def _micro_batches(self, chunks) -> list:
         if self.batcher is None:  # the cost models read .prefix and .num_tokens only
-            return [[Work(c.request.num_computed_tokens, c.num_tokens) for c in chunks]]
-        return self.batcher.form([ChunkWork(c.request.request_id, c.request.num_computed_tokens, c.num_tokens)
+            return [[Work(c.start, c.num_tokens) for c in chunks]]
+        return self.batcher.form([ChunkWork(c.request.request_id, c.start, c.num_tokens)
                                   for c in chunks])
 
     def _swap_seconds(self, output: SchedulerOutput) -> float:

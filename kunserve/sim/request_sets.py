@@ -108,7 +108,7 @@ class RequestSetsUnit(Unit):
         if not chunks:
             return []
         if all(c.num_tokens == 1 for c in chunks) and decode_is_one_micro_batch(self.batcher, len(chunks)):
-            prefix = sum(c.request.num_computed_tokens for c in chunks)
+            prefix = sum(c.start for c in chunks)
             return [(float(self.timing.cost.decode_seconds(len(chunks), prefix)), len(chunks))]
         return [(self.timing.cost.batch_seconds(mb), sum(c.num_tokens for c in mb))
                 for mb in self._micro_batches(chunks)]
