@@ -127,6 +127,8 @@ def _live_requests(engine, order: MergeOrder, rank: int, group) -> dict[str, int
         if not order.aligned:
             while engine.scheduler.preempt_newest():
                 pass  # KV cannot stay in place: the group recomputes these requests
+        # the group drained before this order ran, so nothing is in flight: the counts are final
+        assert not any(r.num_in_flight_tokens for r in engine.scheduler.running), "merge before drain"
         live = {r.request_id: r.num_computed_tokens for r in engine.scheduler.running}
         for member in source.members[1:]:
             send_object(live, member, group)
