@@ -292,3 +292,15 @@ def test_make_batcher_by_name():
         make_batcher("token-budget")
     with pytest.raises(ValueError, match="unknown batcher 'sarathi'"):
         make_batcher("sarathi", max_tokens=1)
+
+
+def test_lookahead_decode_cost_is_a_decodes_share_of_a_batch():
+    model = CostModel(a=1e-6, b=2e-6, f=1e-5, d=3e-4, lam=2e-4, g=5e-7)
+    batcher = LookaheadBatcher(model, min_tokens=16)
+    decodes = [ChunkWork(str(i), p, 1) for i, p in enumerate((10, 500, 2000))]
+    # adding a decode over context p + 1 to a batch raises its cost by exactly decode_cost(p + 1)
+    for p in (0, 99, 4095):
+        extra = ChunkWork("new", p, 1)
+        assert model.batch_cost([*decodes, extra]) - model.batch_cost(decodes) == \
+            pytest.approx(batcher.decode_cost(p + 1), rel=1e-12)
+    assert batcher.decode_cost(4096) > batcher.decode_cost(100) > 0

@@ -313,3 +313,20 @@ def test_preempting_a_request_with_chunks_in_flight_drops_them():
     s.update(second, {})
     assert (a.num_computed_tokens, a.num_in_flight_tokens) == (0, 0)
     assert chunks_of(s.schedule(virtual_engine=0, num_virtual_engines=2)) == [("a", 0, 8, False)]
+
+
+def test_sets_are_balanced_by_decode_cost_when_one_is_given():
+    # four decoding requests, two with long contexts: by count set 0 keeps a, b (both long) and
+    # hands c, d over; by cost (here the context) the newest go while that narrows the gap:
+    # d, c, then b, leaving a alone (loads 201 vs 223: moving a would not narrow it)
+    s = Scheduler(BlockManager(num_blocks=256, block_size=4), max_num_seqs=8, max_num_batched_tokens=512)
+    for rid, n in (("a", 200), ("b", 200), ("c", 10), ("d", 10)):
+        s.add(req(rid, n))
+    s.update(s.schedule(), {r: 7 for r in "abcd"})  # a single engine: every request in set 0
+    by_count = plan_of(s.schedule(virtual_engine=0, num_virtual_engines=2))
+    assert by_count == [("a", 1), ("b", 1)]  # c, d moved: the sets' contexts are 402 vs 22
+    for r in s.running:  # as a single engine again: every request back in set 0, nothing in flight
+        r.virtual_engine, r.num_in_flight_tokens = 0, 0
+    assert plan_of(s.schedule(virtual_engine=0, num_virtual_engines=2, decode_cost=float)) == [("a", 1)]
+    loads = [sum(r.num_tokens for r in s.running if r.virtual_engine == v) for v in (0, 1)]
+    assert loads == [201, 223]

@@ -80,6 +80,12 @@ class LookaheadBatcher:
                 return level
             level = [half for pair in halves for half in pair]
 
+    def decode_cost(self, context: int) -> float:
+        """What one more decode over ``context`` tokens of KV adds to a batch: its chunk cost less
+        the share ``λ`` every chunk after the first saves (the floor and the context term belong
+        to the batch). An overlapped pipeline balances its request sets by it."""
+        return self.cost_model.chunk_cost(ChunkWork("", max(0, context - 1), 1)) - self.cost_model.lam
+
     def split(self, batch: MicroBatch) -> tuple[MicroBatch, MicroBatch] | None:
         """The equal-cost halves of ``batch``, or None if a half would be below ``min_tokens``."""
         total = sum(c.num_tokens for c in batch)

@@ -304,7 +304,8 @@ class LLMEngine:
         runner, sets = self.runner, self.runner.num_virtual_engines
         virtual_engine = self._next_virtual_engine % sets  # a regroup may have changed the number of sets
         self._next_virtual_engine = (virtual_engine + 1) % sets
-        runner.launch(self.scheduler.schedule(virtual_engine, sets))
+        # the lookahead batcher's cost model also balances the sets (by count otherwise)
+        runner.launch(self.scheduler.schedule(virtual_engine, sets, getattr(runner.batcher, "decode_cost", None)))
         outputs = []
         while runner.num_in_flight > sets - 1:
             outputs += self._collect_one()

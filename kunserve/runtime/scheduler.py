@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 import attrs
 
@@ -110,17 +111,20 @@ class Scheduler:
             self.running.append(request)
         return request
 
-    def schedule(self, virtual_engine: int | None = None, num_virtual_engines: int = 1) -> SchedulerOutput:
+    def schedule(self, virtual_engine: int | None = None, num_virtual_engines: int = 1,
+                 decode_cost: Callable[[int], float] | None = None) -> SchedulerOutput:
         """The next step's chunks. With ``virtual_engine`` set (an overlapped pipeline leader),
         only that request set's running requests are stepped or preempted (the other sets'
         steps are still in flight), the other sets' prompts still being prefilled get their next
-        chunks if the budget and free blocks allow, and admitted requests join the set."""
+        chunks if the budget and free blocks allow, and admitted requests join the set.
+        ``decode_cost(context)``: what one more decode of that context adds to a step (the
+        lookahead policy's fitted cost model); the sets are balanced by it, else by count."""
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         self._swap_out, self._swap_in = [], []
         if virtual_engine is not None:
-            self._rebalance(virtual_engine, num_virtual_engines)
+            self._rebalance(virtual_engine, num_virtual_engines, decode_cost)
         for request in [r for r in self.running if virtual_engine is None or r.virtual_engine == virtual_engine]:
             if budget <= 0 or request.request_id in preempted:
                 break  # out of tokens, or reached the newest requests, preempted for older ones
@@ -165,26 +169,34 @@ class Scheduler:
             self.num_continued_prefill_chunks += 1
         return budget, False
 
-    def _rebalance(self, virtual_engine: int, num_virtual_engines: int) -> None:
-        """Keep the request sets within one request of each other: this set's newest excess
-        requests (no step of this set is in flight: it is about to step; a prompt chunk of one of
-        them may ride in another set's step, which moving it does not disturb) move to the
-        smallest sets and run at their next step. Sets drift apart as requests finish, and a merge resumes
-        exchanged requests with the sets they had before."""
-        sizes = [0] * num_virtual_engines
+    def _rebalance(self, virtual_engine: int, num_virtual_engines: int,
+                   decode_cost: Callable[[int], float] | None = None) -> None:
+        """Even out the request sets' loads (a request's load: ``decode_cost`` of its context, or
+        1 without one): this set's requests, newest first, move to the least loaded set while
+        that narrows the gap between the two (a load below the gap), and run at that set's next
+        step. No step of this set is in flight (it is about to step; a prompt chunk of one of its
+        requests may ride in another set's step, which moving it does not disturb), so none of
+        its requests has a token pending. By count this keeps the sets within one request of
+        each other; by cost it evens out the sets' decode steps, which an overlapped pipeline
+        runs back to back (an uneven pair idles the stages for their difference every cycle).
+        Sets drift apart as requests finish and contexts grow, and a merge resumes exchanged
+        requests with the sets they had before."""
+        load = (lambda r: 1.0) if decode_cost is None else (lambda r: decode_cost(r.num_tokens))
+        loads = [0.0] * num_virtual_engines
         for r in self.running:
             # a set number from before a regroup (a split, then a merge into fewer stages): the
             # group drained before regrouping, so no step of the old sets is in flight
             r.virtual_engine %= num_virtual_engines
-            sizes[r.virtual_engine] += 1
+            loads[r.virtual_engine] += load(r)
         mine = [r for r in self.running if r.virtual_engine == virtual_engine]
         for request in reversed(mine):
-            smallest = min(range(num_virtual_engines), key=sizes.__getitem__)
-            if sizes[virtual_engine] <= sizes[smallest] + 1:
-                return
-            request.virtual_engine = smallest
-            sizes[virtual_engine] -= 1
-            sizes[smallest] += 1
+            lightest = min(range(num_virtual_engines), key=loads.__getitem__)
+            weight = load(request)
+            if not 0 < weight < loads[virtual_engine] - loads[lightest]:
+                continue  # moving it would not narrow the gap (by count: the sets are within one)
+            request.virtual_engine = lightest
+            loads[virtual_engine] -= weight
+            loads[lightest] += weight
 
     def _make_room(self, request: Request, num_tokens: int, preempted: list[str],
                    virtual_engine: int | None = None) -> bool:

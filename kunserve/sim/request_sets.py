@@ -46,7 +46,7 @@ class RequestSetsUnit(Unit):
         sets = self.timing.stages
         virtual_engine = self._next_set % sets
         running_before = len(self.scheduler.running)
-        output = self.scheduler.schedule(virtual_engine, sets)
+        output = self.scheduler.schedule(virtual_engine, sets, getattr(self.batcher, "decode_cost", None))
         if not (output.chunks or self.scheduler.running or self.exchanging):
             return self._drain_iteration(now)  # e.g. a head request that can never fit: nothing runs
         self._next_set = (virtual_engine + 1) % sets
