@@ -17,21 +17,8 @@ if [[ -n "${WHEELS:-}" ]]; then
   python -m pip install -q --no-index --find-links "$WHEELS" fastapi uvicorn httpx matplotlib psutil
 fi
 model="$out/llama3-8b-shape"
-# config.json of the shape + a word-level tokenizer over its whole vocabulary, so every random
-# token decodes to a word and the streaming client sees one text delta per token
-python - "$model" <<'PY'
-import sys
-from pathlib import Path
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-from kunserve.bench._model_configs import MODEL_CONFIGS, write_model_config
-out = Path(sys.argv[1])
-write_model_config("llama3-8b", out)
-vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, MODEL_CONFIGS["llama3-8b"]["vocab_size"])}}
-tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(out)
-PY
+# config.json of the shape + a word-level tokenizer over its whole vocabulary
+python -c "import sys; from kunserve.bench._model_configs import write_dummy_model; write_dummy_model('llama3-8b', sys.argv[1])" "$model"
 common=(--policies vllm --ranks 1 --model "$model" --serve-arg=--load-format --serve-arg=dummy
         --num-kv-blocks 1024 --block-size 16 --max-model-len 2048 --max-num-batched-tokens 2048 --tail-s 2)
 declare -A workloads=(

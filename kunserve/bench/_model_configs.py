@@ -67,3 +67,19 @@ def write_model_config(name: str, directory: str | Path | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(MODEL_CONFIGS[name], indent=2))
     return path
+
+
+def write_dummy_model(name: str, directory: str | Path) -> Path:
+    """``config.json`` of the named shape plus a word-level tokenizer over its whole vocabulary
+    (every random token decodes to one word, so a streaming client sees one text delta per
+    token): what ``kunserve.serve --load-format dummy`` serves with random weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = write_model_config(name, directory)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, MODEL_CONFIGS[name]["vocab_size"])}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
+    return path

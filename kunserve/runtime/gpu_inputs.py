@@ -45,22 +45,32 @@ class HostStep:
     @classmethod
     def build(cls, chunks: Sequence[ScheduledChunk], block_manager: BlockManager,
               table_cache: "BlockTableCache | None" = None) -> "HostStep":
-        b, bs = len(chunks), block_manager.block_size
         requests = [c.request for c in chunks]
-        starts = np.fromiter((c.start for c in chunks), np.int64, b)
-        qlens = np.fromiter((c.num_tokens for c in chunks), np.int64, b)
-        ids = list(chain.from_iterable(
-            r.token_ids[s:s + n] for r, s, n in zip(requests, starts.tolist(), qlens.tolist())))
-        lists = [block_manager.block_table(r.request_id) for r in requests]
-        tables = table_cache.gather([r.request_id for r in requests], lists) if table_cache else None
+        ids = list(chain.from_iterable(r.token_ids[c.start:c.start + c.num_tokens] for r, c in zip(requests, chunks)))
+        return cls.from_pieces([r.request_id for r in requests], [c.start for c in chunks],
+                               [c.num_tokens for c in chunks], [c.completes for c in chunks], ids,
+                               block_manager, table_cache)
+
+    @classmethod
+    def from_pieces(cls, request_ids: Sequence[str], starts: Sequence[int], num_tokens: Sequence[int],
+                    completes: Sequence[bool], ids: Sequence[int], block_manager: BlockManager,
+                    table_cache: "BlockTableCache | None" = None) -> "HostStep":
+        """The step of B pieces: ``num_tokens[i]`` tokens of ``request_ids[i]`` from position
+        ``starts[i]`` on (their blocks already allocated), ``ids`` their T token ids in order (a
+        later pipeline stage, whose input is hidden states, passes zeros)."""
+        b, bs = len(request_ids), block_manager.block_size
+        starts = np.fromiter(starts, np.int64, b)
+        qlens = np.fromiter(num_tokens, np.int64, b)
+        lists = [block_manager.block_table(r) for r in request_ids]
+        tables = table_cache.gather(list(request_ids), lists) if table_cache else None
         tables = _padded_tables(lists) if tables is None else tables
         query_start = np.zeros(b + 1, np.int64)
         np.cumsum(qlens, out=query_start[1:])
         seq_of_row = np.repeat(np.arange(b), qlens)  # [T]
         positions = np.arange(query_start[-1]) - query_start[seq_of_row] + starts[seq_of_row]
         slots = tables[seq_of_row, positions // bs].astype(np.int64) * bs + positions % bs
-        completes = np.fromiter((c.completes for c in chunks), bool, b)
-        sampling_ids = tuple(r.request_id for r, done in zip(requests, completes.tolist()) if done)
+        completes = np.fromiter(completes, bool, b)
+        sampling_ids = tuple(r for r, done in zip(request_ids, completes.tolist()) if done)
         i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
         return cls(i32(ids), i32(positions), i32(slots), i32(query_start), i32(starts + qlens),
                    tables, i32(query_start[1:][completes] - 1), sampling_ids)
@@ -186,3 +196,17 @@ def upload(step: HostStep, device: torch.device, block_size: int, query_tile: in
         tile_first=dev.get("tile_first"), query_tile=query_tile, num_splits=num_splits,
     )
     return DeviceStep(dev["ids"], dev["positions"], dev["logits_rows"], meta)
+
+
+def stage_step(pieces, ids: Sequence[int], block_manager: BlockManager, device: torch.device,
+               num_heads: int, num_kv_heads: int) -> DeviceStep:
+    """The device inputs of one pipeline micro-batch on CUDA (Triton attention, as the single
+    instance's eager path): ``pieces`` have ``request_id``, ``start``, ``num_tokens`` and
+    ``completes`` (``pipeline.StageChunk``), their blocks already allocated on this member."""
+    from kunserve.runtime.triton_attention import decode_splits, query_tile_for  # CUDA only
+
+    step = HostStep.from_pieces([c.request_id for c in pieces], [c.start for c in pieces],
+                                [c.num_tokens for c in pieces], [c.completes for c in pieces], ids, block_manager)
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = decode_splits(step.num_seqs, num_kv_heads, int(step.context_lens.max()), num_sms)
+    return upload(step, device, block_manager.block_size, query_tile_for(num_heads, num_kv_heads), splits)

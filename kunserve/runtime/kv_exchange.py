@@ -98,7 +98,7 @@ class KVExchange:
         storage, pages = self.kv_cache.storage, []
         for p in pieces:
             pages += self.block_manager.free_first(outbound_owner(dst, p.request_id), p.num_pages)
-        return storage[torch.tensor(pages, device=storage.device)]  # advanced indexing: a copy
+        return storage.index_select(0, torch.tensor(pages, device=storage.device))  # a copy
 
     def _buffer(self, pieces: list[PageTransfer]) -> torch.Tensor:
         storage = self.kv_cache.storage
@@ -111,7 +111,7 @@ class KVExchange:
         for p in pieces:
             have = len(bm.block_table(p.request_id))
             pages += bm.allocate(p.request_id, (have + p.num_pages) * bm.block_size)
-        self.kv_cache.storage[torch.tensor(pages, device=buffer.device)] = buffer
+        self.kv_cache.storage.index_copy_(0, torch.tensor(pages, device=buffer.device), buffer)
 
 
 class LeaderExchange(KVExchange):
