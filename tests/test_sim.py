@@ -344,3 +344,35 @@ def test_validation_twin_overlaps_pipelines_as_the_real_run_did():
     assert not runtime_overlaps(argparse.Namespace(serve_arg=["--block-size", "4", "--pipeline-overlap", "off"]))
     assert not runtime_overlaps(argparse.Namespace(serve_arg=["--pipeline-overlap=off"]))
     assert runtime_overlaps(argparse.Namespace(serve_arg=["--pipeline-overlap", "on"]))
+
+
+def test_predict_mode_twins_a_multi_gpu_run_without_calibration(tmp_path):
+    """``python -m kunserve.sim.validate --predict``: a run with one instance per GPU, rebuilt from
+    its compare.json arguments, on the named GPU and link, with the runtime's KV-exchange rounds."""
+    import json
+
+    from kunserve.bench.compare import parse_args
+    from kunserve.runtime.regroup import DEFAULT_EXCHANGE_CHUNK_BYTES
+    from kunserve.sim.hardware import LINKS
+    from kunserve.sim.validate import Calibration, main, sim_config
+
+    args = parse_args(["--policies", "vllm", "kunserve", "--ranks", "2", "--num-kv-blocks", "256",
+                       "--block-size", "16", "--max-model-len", "4096", "--max-num-batched-tokens", "2048",
+                       "--synthetic", "onoff", "--request-rate", "2", "--burst-rate", "150", "--off-s", "2",
+                       "--on-s", "0.3", "--num-prompts", "40", "--input-len", "512", "--output-len", "32",
+                       "--seed", "1"])
+    run = tmp_path / "run"
+    run.mkdir()
+    fake = [{"send": 0.0, "ttft": 1.0, "tpot": 0.03, "ok": True}] * 40  # the prediction ignores these
+    (run / "compare.json").write_text(json.dumps({"args": vars(args), "requests": {"vllm": fake, "kunserve": fake}}))
+    config = sim_config(args, "kunserve", None, Calibration(), "qwen2.5-14b", ("h200-141gb", "nvlink"))
+    assert (config.gpu, config.link, config.weight_granularity) == ("h200-141gb", "nvlink", 2 << 20)
+    assert config.exchange_chunk_s * LINKS["nvlink"].bandwidth == pytest.approx(DEFAULT_EXCHANGE_CHUNK_BYTES)
+    out = tmp_path / "prediction.json"
+    assert main(["--predict", str(run), "--model", "qwen2.5-14b", "--gpu", "h200-141gb", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())[str(run)]
+    for policy in ("vllm", "kunserve"):
+        sim = report[policy]["sim"]
+        assert 0 < sim["ttft_p50"] <= sim["ttft_p99"] and 0 < sim["tpot_p50"]
+    with pytest.raises(SystemExit):
+        main(["--validate", str(run)])  # neither a calibration nor a prediction asked for

@@ -68,8 +68,22 @@ def runtime_overlaps(args: argparse.Namespace) -> bool:
 
 
 def sim_config(args: argparse.Namespace, policy: str, profile: str, cal: Calibration,
-               model: str | Path = TINY_DIR) -> SimConfig:
-    return SimConfig(
+               model: str | Path = TINY_DIR, gpus: tuple[str, str] | None = None) -> SimConfig:
+    """The twin of a real run. ``gpus`` = (GPU class, link class) for a run with one instance per
+    GPU (``--predict``): CUDA's 2 MiB weight granularity and the runtime's KV-exchange rounds
+    (``--exchange-chunk-bytes``, default 32 MB) over that link; None: ranks on this host."""
+    extra = {}
+    if gpus is not None:
+        from kunserve.runtime.regroup import DEFAULT_EXCHANGE_CHUNK_BYTES
+        from kunserve.sim.hardware import LINKS
+
+        extra = dict(gpu=gpus[0], link=gpus[1], weight_granularity=2 << 20,
+                     exchange_chunk_s=DEFAULT_EXCHANGE_CHUNK_BYTES / LINKS[gpus[1]].bandwidth)
+    return SimConfig(**{**_twin_fields(args, policy, profile, cal, model), **extra})
+
+
+def _twin_fields(args: argparse.Namespace, policy: str, profile: str, cal: Calibration, model) -> dict:
+    return dict(
         policy=policy, instances=args.ranks, model=str(model), gpu="h100-80gb", link="loopback", profile=profile,
         time_scale=cal.time_scale, step_overhead_s=cal.step_overhead_s, overhead_per_seq_s=cal.overhead_per_seq_s,
         client_latency_s=cal.client_latency_s, lockstep_overhead_s=cal.lockstep_overhead_s,
@@ -84,12 +98,12 @@ def sim_config(args: argparse.Namespace, policy: str, profile: str, cal: Calibra
 
 
 def simulate_like(args: argparse.Namespace, policy: str, profile: str, cal: Calibration,
-                  model: str | Path = TINY_DIR) -> dict:
+                  model: str | Path = TINY_DIR, gpus: tuple[str, str] | None = None) -> dict:
     """{"ttft": [...], "tpot": [...]} of the simulated twin of a real run."""
     from kunserve.sim import simulate
 
     trace = build_workload(args, None)
-    run = simulate(sim_config(args, policy, profile, cal, model), trace)
+    run = simulate(sim_config(args, policy, profile, cal, model, gpus), trace)
     records = [log.record(cal.client_latency_s) for log in run.logs.values()]
     done = [r for r in records if r.ok]
     return {"ttft": [r.ttft for r in done], "tpot": [t for t in (r.tpot for r in done) if t is not None]}
@@ -163,16 +177,25 @@ def table(name: str, real: dict, sims: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m kunserve.sim.validate", description=__doc__.splitlines()[0])
-    p.add_argument("--profile", required=True, help="the served model's profile on the serving device "
+    p.add_argument("--profile", default=None, help="the served model's profile on the serving device "
                    "(python -m kunserve.profile)")
     p.add_argument("--model", default=str(TINY_DIR), help="the served model: a directory or a built-in shape "
                    "(llama3-8b, ...); default the built-in tiny model")
     p.add_argument("--grid", default="cpu", choices=sorted(INSTANCE_GRIDS),
                    help="calibration grid: cpu (two ranks on shared cores) or gpu (one instance per GPU)")
-    p.add_argument("--calibrate", required=True, nargs="+", help="compare output dirs of the calibration runs")
+    p.add_argument("--calibrate", nargs="+", default=[], help="compare output dirs of the calibration runs")
     p.add_argument("--validate", nargs="*", default=[], help="compare output dirs to predict")
+    p.add_argument("--predict", nargs="+", default=[], metavar="DIR",
+                   help="uncalibrated prediction of runs with one instance per GPU (--gpu, --link): no "
+                        "host overheads, roofline clock unless --profile is a file")
+    p.add_argument("--gpu", default="h100-80gb", help="GPU class of --predict runs (kunserve.sim.hardware.GPUS)")
+    p.add_argument("--link", default="nvlink", help="link class of --predict runs (kunserve.sim.hardware.LINKS)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.predict:
+        return _predict(args)
+    if not args.calibrate or not args.profile:
+        p.error("give --profile FILE --calibrate DIR... (then --validate DIR...), or --predict DIR...")
     cal, err = calibrate([load_real(d) for d in args.calibrate], args.profile, args.model, args.grid)
     print(f"SIMULATION vs real runs. calibration on {args.calibrate}: {cal} (mean |error| {err:.1%})")
     report = {"calibration": attrs.asdict(cal), "calibration_error": err, "calibrated_on": args.calibrate,
@@ -185,6 +208,22 @@ def main(argv=None) -> int:
                                          "error": errors(real[policy], sims[policy])} for policy in real}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def _predict(args) -> int:
+    profile = None if args.profile in (None, "roofline") else args.profile
+    report = {}
+    for name in args.predict:
+        run_args, real = load_real(name)
+        sims = {policy: simulate_like(run_args, policy, profile, Calibration(), args.model, (args.gpu, args.link))
+                for policy in real}
+        print(f"SIMULATION (uncalibrated: {args.gpu}, {args.link}, {profile or 'roofline'}) vs real run")
+        print(table(name, real, sims))
+        report[name] = {policy: {"real": percentiles(real[policy]), "sim": percentiles(sims[policy]),
+                                 "error": errors(real[policy], sims[policy])} for policy in real}
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1, default=float) + "\n")
     return 0
 
 
