@@ -38,8 +38,7 @@ def test_two_stage_slices_on_cuda_give_the_whole_models_greedy_tokens(llama_dir)
         ids = [tok for i, t in enumerate(tokens) for tok in t[done[i]:]]
         hidden = None
         for k, engine in enumerate(stages):
-            meta, positions, rows = _stage_metadata(chunks, engine.block_manager, engine.device, engine.model.config,
-                                                    ids if k == 0 else None)
+            meta, positions, rows = _stage_metadata(chunks, engine.block_manager, engine.device, engine.model.config)
             assert isinstance(meta, TritonAttentionMetadata)
             x = torch.tensor(ids, dtype=torch.long, device="cuda") if k == 0 else hidden
             hidden = engine.model(x, positions, engine.kv_cache.by_layer(), meta)  # [T, hidden]

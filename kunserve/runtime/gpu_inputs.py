@@ -198,15 +198,17 @@ def upload(step: HostStep, device: torch.device, block_size: int, query_tile: in
     return DeviceStep(dev["ids"], dev["positions"], dev["logits_rows"], meta)
 
 
-def stage_step(pieces, ids: Sequence[int], block_manager: BlockManager, device: torch.device,
-               num_heads: int, num_kv_heads: int) -> DeviceStep:
+def stage_step(pieces, block_manager: BlockManager, device: torch.device, num_heads: int,
+               num_kv_heads: int) -> DeviceStep:
     """The device inputs of one pipeline micro-batch on CUDA (Triton attention, as the single
     instance's eager path): ``pieces`` have ``request_id``, ``start``, ``num_tokens`` and
-    ``completes`` (``pipeline.StageChunk``), their blocks already allocated on this member."""
+    ``completes`` (``pipeline.StageChunk``), their blocks already allocated on this member.
+    Its ``ids`` are zeros: a stage's input is hidden states, or token ids stage 0 passes itself."""
     from kunserve.runtime.triton_attention import decode_splits, query_tile_for  # CUDA only
 
+    zeros = [0] * sum(c.num_tokens for c in pieces)
     step = HostStep.from_pieces([c.request_id for c in pieces], [c.start for c in pieces],
-                                [c.num_tokens for c in pieces], [c.completes for c in pieces], ids, block_manager)
+                                [c.num_tokens for c in pieces], [c.completes for c in pieces], zeros, block_manager)
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     splits = decode_splits(step.num_seqs, num_kv_heads, int(step.context_lens.max()), num_sms)
     return upload(step, device, block_manager.block_size, query_tile_for(num_heads, num_kv_heads), splits)

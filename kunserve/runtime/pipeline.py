@@ -131,20 +131,18 @@ class GroupLayout:
         return self.ranks[-1]
 
 
-def _stage_metadata(chunks: tuple[StageChunk, ...], block_manager: BlockManager, device, config,
-                    ids: list[int] | None = None) -> tuple[object, torch.Tensor, torch.Tensor]:
+def _stage_metadata(chunks: tuple[StageChunk, ...], block_manager: BlockManager, device, config
+                    ) -> tuple[object, torch.Tensor, torch.Tensor]:
     """Attention metadata, positions [T] and logits rows [n] of one micro-batch, from this
     member's own block tables (allocated here for the chunks; a no-op on the leader, whose
     scheduler allocated them). On CUDA the Triton path's metadata (``gpu_inputs.stage_step``),
-    as a single instance's eager steps use; elsewhere the reference attention's. ``ids``: the
-    micro-batch's token ids (stage 0 only; the CUDA path packs them into its one upload)."""
+    as a single instance's eager steps use; elsewhere the reference attention's."""
     for chunk in chunks:
         block_manager.allocate(chunk.request_id, chunk.start + chunk.num_tokens)
     if device.type == "cuda":
         from kunserve.runtime import gpu_inputs  # needs Triton
 
-        ids = ids if ids is not None else [0] * sum(c.num_tokens for c in chunks)
-        dev = gpu_inputs.stage_step(chunks, ids, block_manager, device, config.num_heads, config.num_kv_heads)
+        dev = gpu_inputs.stage_step(chunks, block_manager, device, config.num_heads, config.num_kv_heads)
         return dev.meta, dev.positions.long(), dev.logits_rows.long()
     query_lens, context_lens, tables, positions, rows = [], [], [], [], []
     for chunk in chunks:
@@ -382,7 +380,7 @@ class PipelineRunner:
         for chunks in step.micro_batches:
             start = timer.begin()
             ids = [t for c in chunks for t in requests[c.request_id].token_ids[c.start:c.start + c.num_tokens]]
-            meta, positions, _rows = _stage_metadata(chunks, self.block_manager, self.device, self.model.config, ids)
+            meta, positions, _rows = _stage_metadata(chunks, self.block_manager, self.device, self.model.config)
             hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), positions,
                                 self.kv_cache.by_layer(), meta).contiguous()  # [T, hidden]
             timer.end(start)

@@ -174,13 +174,13 @@ class Scheduler:
         """Even out the request sets' loads (a request's load: ``decode_cost`` of its context, or
         1 without one): this set's requests, newest first, move to the least loaded set while
         that narrows the gap between the two (a load below the gap), and run at that set's next
-        step. No step of this set is in flight (it is about to step; a prompt chunk of one of its
-        requests may ride in another set's step, which moving it does not disturb), so none of
-        its requests has a token pending. By count this keeps the sets within one request of
-        each other; by cost it evens out the sets' decode steps, which an overlapped pipeline
-        runs back to back (an uneven pair idles the stages for their difference every cycle).
-        Sets drift apart as requests finish and contexts grow, and a merge resumes exchanged
-        requests with the sets they had before."""
+        step. No step of this set is in flight (it is about to step); a prompt chunk of one of
+        its requests may ride in another set's step, even the one that samples its next token,
+        and moving it is safe: whichever set steps it skips it until that token is back. By
+        count this keeps the sets within one request of each other; by cost it evens out the
+        sets' decode steps, which an overlapped pipeline runs back to back (an uneven pair idles
+        the stages for their difference every cycle). Sets drift apart as requests finish and
+        contexts grow, and a merge resumes exchanged requests with the sets they had before."""
         load = (lambda r: 1.0) if decode_cost is None else (lambda r: decode_cost(r.num_tokens))
         loads = [0.0] * num_virtual_engines
         for r in self.running:
