@@ -1,5 +1,5 @@
 """One pipeline stage's micro-batch on CUDA: the reference attention metadata (what pipeline
-stages used before 2026-11-24) against the Triton path's (``pipeline._stage_metadata`` now), on the
+stages used before 2026-11-24) against the Triton path's (``pipeline_step.stage_inputs`` now), on the
 first half of a Qwen-2.5-14B-shaped model with random bf16 weights (issue 11).
 
     python benchmarks/bench_stage_gpu.py [--out stage.json]
@@ -21,7 +21,7 @@ from kunserve.bench._model_configs import write_model_config
 from kunserve.config import EngineConfig
 from kunserve.runtime.attention import AttentionMetadata
 from kunserve.runtime.engine import LLMEngine
-from kunserve.runtime.pipeline import StageChunk, _stage_metadata
+from kunserve.runtime.pipeline_step import StageChunk, stage_inputs
 
 
 def reference_metadata(chunks, block_manager, device):
@@ -58,7 +58,7 @@ def main() -> None:
     for name, chunks in cases.items():
         tokens = sum(c.num_tokens for c in chunks)
         x = torch.randint(0, cfg.vocab_size, (tokens,), device=device)
-        triton_meta, positions, _rows = _stage_metadata(chunks, bm, device, cfg)  # allocates the blocks
+        triton_meta, positions, _rows = stage_inputs(chunks, bm, device, cfg)  # allocates the blocks
         ref_meta = reference_metadata(chunks, bm, device)
         with torch.inference_mode():
             result[name] = {

@@ -11,7 +11,7 @@ import pytest
 from kunserve import LLM, SamplingParams
 from kunserve.policy.batching import LookaheadBatcher, TokenBudgetBatcher
 from kunserve.policy.cost_model import CostModel
-from kunserve.runtime.pipeline import StageChunk, form_micro_batches
+from kunserve.runtime.pipeline_step import StageChunk, form_micro_batches
 from kunserve.runtime.request import Request
 from kunserve.runtime.scheduler import ScheduledChunk, SchedulerOutput
 

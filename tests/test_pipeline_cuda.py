@@ -1,6 +1,6 @@
 """A pipeline group's stages on CUDA, in one process (run through the device tool; skipped on
 CPU-only machines): each stage builds the Triton attention metadata of its micro-batches from its
-own block tables (``pipeline._stage_metadata``), as a single instance's eager path does, and the
+own block tables (``pipeline_step.stage_inputs``), as a single instance's eager path does, and the
 two layer slices chained by hand give the whole model's greedy tokens. (Two ranks with NCCL need
 two GPUs; the torchrun tests in test_pipeline_serve.py cover that where they are lent.)"""
 
@@ -12,7 +12,7 @@ import torch
 from kunserve import LLM, SamplingParams
 from kunserve.config import EngineConfig
 from kunserve.runtime.engine import LLMEngine
-from kunserve.runtime.pipeline import StageChunk, _stage_metadata
+from kunserve.runtime.pipeline_step import StageChunk, stage_inputs
 from kunserve.runtime.triton_attention import TritonAttentionMetadata
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -38,7 +38,7 @@ def test_two_stage_slices_on_cuda_give_the_whole_models_greedy_tokens(llama_dir)
         ids = [tok for i, t in enumerate(tokens) for tok in t[done[i]:]]
         hidden = None
         for k, engine in enumerate(stages):
-            meta, positions, rows = _stage_metadata(chunks, engine.block_manager, engine.device, engine.model.config)
+            meta, positions, rows = stage_inputs(chunks, engine.block_manager, engine.device, engine.model.config)
             assert isinstance(meta, TritonAttentionMetadata)
             x = torch.tensor(ids, dtype=torch.long, device="cuda") if k == 0 else hidden
             hidden = engine.model(x, positions, engine.kv_cache.by_layer(), meta)  # [T, hidden]

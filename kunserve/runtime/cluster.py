@@ -26,7 +26,7 @@ from kunserve.policy.snapshot import ClusterSnapshot, InstanceSnapshot
 from kunserve.runtime.drop_controller import DropController
 from kunserve.runtime.engine import LLMEngine
 from kunserve.runtime.migration import MigrationCoordinator
-from kunserve.runtime.pipeline import StepTiming
+from kunserve.runtime.pipeline_step import StepTiming
 from kunserve.runtime.rank import (NewRequest, RankState, StepCommand, StepReport, drain_rank, handle_command,
                                    run_deferred_step)
 from kunserve.runtime.regroup import MergeOrder, SplitOrder

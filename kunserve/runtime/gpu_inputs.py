@@ -202,7 +202,7 @@ def stage_step(pieces, block_manager: BlockManager, device: torch.device, num_he
                num_kv_heads: int) -> DeviceStep:
     """The device inputs of one pipeline micro-batch on CUDA (Triton attention, as the single
     instance's eager path): ``pieces`` have ``request_id``, ``start``, ``num_tokens`` and
-    ``completes`` (``pipeline.StageChunk``), their blocks already allocated on this member.
+    ``completes`` (``pipeline_step.StageChunk``), their blocks already allocated on this member.
     Its ``ids`` are zeros: a stage's input is hidden states, or token ids stage 0 passes itself."""
     from kunserve.runtime.triton_attention import decode_splits, query_tile_for  # CUDA only
 

@@ -15,7 +15,8 @@ from kunserve.policy.snapshot import InstanceSnapshot
 from kunserve.runtime.engine import LLMEngine
 from kunserve.runtime.kv_exchange import ExchangeProgress
 from kunserve.runtime.migration import MigrationCommand, MigrationReport, RankMigrations, run_migrations
-from kunserve.runtime.pipeline import PipelineRunner, StageWorker, StepTiming
+from kunserve.runtime.pipeline import PipelineRunner, StageWorker
+from kunserve.runtime.pipeline_step import StepTiming
 from kunserve.runtime.regroup import MergeOrder, MergeStats, SplitOrder, merge_into_group, split_group
 from kunserve.runtime.transport import PendingSends, recv_object, send_object
 from kunserve.runtime.weight_restore import begin_pull
