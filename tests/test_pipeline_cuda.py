@@ -13,7 +13,6 @@ from kunserve import LLM, SamplingParams
 from kunserve.config import EngineConfig
 from kunserve.runtime.engine import LLMEngine
 from kunserve.runtime.pipeline_step import StageChunk, stage_inputs
-from kunserve.runtime.triton_attention import TritonAttentionMetadata
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -22,6 +21,8 @@ STEPS = 8
 
 
 def test_two_stage_slices_on_cuda_give_the_whole_models_greedy_tokens(llama_dir):
+    from kunserve.runtime.triton_attention import TritonAttentionMetadata  # Triton: CUDA installs only
+
     reference = LLM(str(llama_dir), device="cuda", dtype="float32", num_kv_blocks=64, block_size=4, max_model_len=64)
     expected = [o.outputs[0].token_ids for o in reference.generate(
         PROMPTS, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True), use_tqdm=False)]
