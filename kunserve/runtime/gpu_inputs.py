@@ -8,6 +8,7 @@ the device copy as the step's tensors and ``TritonAttentionMetadata``.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from itertools import chain
 from typing import Sequence
@@ -53,11 +54,11 @@ class HostStep:
 
     @classmethod
     def from_pieces(cls, request_ids: Sequence[str], starts: Sequence[int], num_tokens: Sequence[int],
-                    completes: Sequence[bool], ids: Sequence[int], block_manager: BlockManager,
+                    completes: Sequence[bool], ids: Sequence[int] | None, block_manager: BlockManager,
                     table_cache: "BlockTableCache | None" = None) -> "HostStep":
         """The step of B pieces: ``num_tokens[i]`` tokens of ``request_ids[i]`` from position
-        ``starts[i]`` on (their blocks already allocated), ``ids`` their T token ids in order (a
-        later pipeline stage, whose input is hidden states, passes zeros)."""
+        ``starts[i]`` on (their blocks already allocated), ``ids`` their T token ids in order, or
+        None (zeros: a pipeline stage's input is hidden states, or ids stage 0 passes itself)."""
         b, bs = len(request_ids), block_manager.block_size
         starts = np.fromiter(starts, np.int64, b)
         qlens = np.fromiter(num_tokens, np.int64, b)
@@ -72,7 +73,8 @@ class HostStep:
         completes = np.fromiter(completes, bool, b)
         sampling_ids = tuple(r for r, done in zip(request_ids, completes.tolist()) if done)
         i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
-        return cls(i32(ids), i32(positions), i32(slots), i32(query_start), i32(starts + qlens),
+        ids = np.zeros(int(query_start[-1]), np.int32) if ids is None else i32(ids)
+        return cls(ids, i32(positions), i32(slots), i32(query_start), i32(starts + qlens),
                    tables, i32(query_start[1:][completes] - 1), sampling_ids)
 
 
@@ -206,9 +208,13 @@ def stage_step(pieces, block_manager: BlockManager, device: torch.device, num_he
     Its ``ids`` are zeros: a stage's input is hidden states, or token ids stage 0 passes itself."""
     from kunserve.runtime.triton_attention import decode_splits, query_tile_for  # CUDA only
 
-    zeros = [0] * sum(c.num_tokens for c in pieces)
     step = HostStep.from_pieces([c.request_id for c in pieces], [c.start for c in pieces],
-                                [c.num_tokens for c in pieces], [c.completes for c in pieces], zeros, block_manager)
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    splits = decode_splits(step.num_seqs, num_kv_heads, int(step.context_lens.max()), num_sms)
+                                [c.num_tokens for c in pieces], [c.completes for c in pieces], None, block_manager)
+    splits = decode_splits(step.num_seqs, num_kv_heads, int(step.context_lens.max()), _num_sms(device))
     return upload(step, device, block_manager.block_size, query_tile_for(num_heads, num_kv_heads), splits)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (asked once, not per micro-batch)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
