@@ -1,62 +1,19 @@
 """Forward-pass cost models fitted from profiled batches (issue 7): the lookahead batcher's
 yardstick and the simulator's clock.
 
-``CostModel`` (KunServe's form). A chunk of ``c`` new tokens of a request whose first ``p``
-tokens are already in the KV cache costs
+``CostModel``: a chunk of ``c`` new tokens over ``p`` tokens already in the KV cache costs
+``a·c·p + b·c² + f·c + d + g·p`` (prefix attention, self attention, per-token work, per-chunk
+work, one read of the prefix KV; ``g = 0`` is the paper's form); a micro-batch of ``k`` chunks
+(``T`` new tokens, longest context ``C``) costs
 
-    a·c·p   attention of the chunk's queries over the prefix
-  + b·c²    attention of the chunk's queries among themselves (causal)
-  + f·c     everything per token: the linear layers, norms, RoPE, the KV write
-  + d       per chunk: its own launch / metadata / logits row
-  + g·p     reading the prefix's KV once per chunk (extension, see below; 0 in the paper)
+    Σ chunk costs − (k − 1)·λ
+      + floor·max(0, 1 − T / knee_tokens)               the weight-read floor (roofline knee)
+      + max(0, h·C − Σ (a·c·p + b·c² + g·p))            the longest context, if some chunk has c > 1
 
-and a micro-batch of ``k`` chunks (``T`` new tokens) costs ``Σ chunk costs − (k − 1)·λ``: a batch
-reads the weights and launches its kernels once, so every chunk after the first saves the shared
-part ``λ`` of ``d``. ``λ ≤ d`` is required (otherwise adding a chunk would make a batch cheaper).
-
-Two batch-level terms are our additions (both optional, 0 in the paper and in old profiles):
-
-  + floor·max(0, 1 − T/knee_tokens)     the weight-read floor (roofline knee)
-  + max(0, h·C − Σ (a·c·p + b·c² + g·p))  the longest context's latency, C = max (p + c),
-                                          only if some chunk has more than one token
-
-Why the floor: a batch's GEMMs cost ``max(floor, u·T)`` with ``u = floor / knee_tokens``: below
-the knee they wait for the weights to stream from memory (on the H100, Llama-3-8B: 6.8 ms at 16
-tokens, 8.4 ms at 256), above it they are compute bound. ``u`` is part of ``f``, so the term adds
-the difference ``max(0, floor − u·T)``; ``u ≤ f`` is required, so cost never falls as tokens are
-added. Only the token part is floored: a decode's KV read comes on top of the weight read (both
-are memory traffic, one after the other), so ``max(floor, whole batch)`` fits no better than no
-floor at all.
-
-Why ``h``: a batch with a multi-token chunk runs the prefill attention kernel for every sequence
-(decodes included), one program per 16-query tile that walks its sequence's whole context. When
-there are few tiles the kernel takes as long as its longest program, ``h`` per token of the
-longest context, not the sum of its work: its attention costs ``max(work, h·C)``. Decode-only
-batches run the split-K decode kernel and pay no such term, which keeps a decode-only batch's
-cost affine in its number of chunks and total prefix (up to ``knee_tokens`` chunks).
-
-Why ``g``: with the paper's four terms a decode (c = 1) pays ``a·p`` for its attention, the
-same per unit of c·p as a long prefill chunk. On a GPU the two differ ~10-30x: a decode
-streams its whole prefix KV for one query (memory bound), while kunserve's Triton prefill
-kernel streams it once per 16-query tile, so its attention costs ≈ β·⌈c/16⌉·p ≈ a·c·p + g·p.
-``g`` is optional: a profile without it (or ``fit(..., prefix_read=False)``) is the paper's
-form, and both are fitted and scored by ``python -m kunserve.profile``.
-
-``TokenLinearModel`` (``α·Σc + β``) is the token-count baseline the paper compares against.
-
-Fit: the additive model is linear in its coefficients, so it is one least-squares solve over
-measured batches. Two choices, both because the target metric is *relative* error across
-batches whose times span two orders of magnitude: every row is divided by its measured time (so
-a 10 ms batch counts as much as a 1 s one), and coefficients are kept non-negative (a negative
-one would make some chunk shapes cost less than nothing and break the batcher's assumption
-that cost grows with the tokens taken). The batch model is solved as
-``Σcp·a + Σc²·b + Σc·f + k·e + 1·λ (+ Σp·g)`` with ``e = d − λ ≥ 0``, so ``λ ≤ d`` holds by
-construction. The two maxima are fitted without leaving least squares (``fit(floor=True,
-context=True)``): for a given knee, ``f·T + floor·max(0, 1 − T/knee) = f'·T + u·max(T, knee)``
-is linear (``f' = f − u ≥ 0``, ``u ≥ 0``), so the knee is a 1-D scan; for the context term each
-batch is assigned the branch of the max that binds and the solve is repeated until no batch
-changes branch (starting from both branches summed, at most 20 rounds; the round with the
-lowest error is kept, as an assignment can flip-flop between two).
+Invariants the batcher relies on, enforced here: ``λ ≤ d`` and ``floor / knee_tokens ≤ f``, so a
+batch's cost never falls as chunks or tokens are added. ``TokenLinearModel`` (``α·Σc + β``) is
+the paper's token-count baseline. Why each term, how the maxima are fitted inside least squares
+(``kunserve.policy.cost_fit``) and the measured limits: docs/design-lookahead.md, "Cost model".
 
 Decision-time code needs neither torch nor CUDA; fitting uses numpy.
 """
@@ -300,7 +257,6 @@ class CostModel(_JsonModel):
         return _construct(cls, source, where, a, b, f, d, lam, g, floor, int(knee), h)
 
 
-
 @attrs.frozen
 class TokenLinearModel(_JsonModel):
     """Seconds of one forward pass as ``alpha`` per token plus ``beta`` per batch."""
@@ -335,7 +291,6 @@ class TokenLinearModel(_JsonModel):
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>", where: str = "") -> "TokenLinearModel":
         return _construct(cls, source, where, *_numbers(data, cls.KEYS, source, where))
-
 
 
 @attrs.frozen
