@@ -89,7 +89,7 @@ def _stage_chunk(chunk, start: int, num_tokens: int) -> StageChunk:
 
 def stage_inputs(chunks: tuple[StageChunk, ...], block_manager: BlockManager, device, config
                     ) -> tuple[object, torch.Tensor, torch.Tensor]:
-    """Attention metadata, positions [T] and logits rows [n] of one micro-batch, from this
+    """Attention metadata, positions [T] and logits rows [n] (integer tensors) of one micro-batch, from this
     member's own block tables (allocated here for the chunks; a no-op on the leader, whose
     scheduler allocated them). On CUDA the Triton path's metadata (``gpu_inputs.stage_step``),
     as a single instance's eager steps use; elsewhere the reference attention's."""
@@ -99,7 +99,7 @@ def stage_inputs(chunks: tuple[StageChunk, ...], block_manager: BlockManager, de
         from kunserve.runtime import gpu_inputs  # needs Triton
 
         dev = gpu_inputs.stage_step(chunks, block_manager, device, config.num_heads, config.num_kv_heads)
-        return dev.meta, dev.positions.long(), dev.logits_rows.long()
+        return dev.meta, dev.positions, dev.logits_rows  # int32, as a single instance's steps use them
     query_lens, context_lens, tables, positions, rows = [], [], [], [], []
     for chunk in chunks:
         end = chunk.start + chunk.num_tokens
