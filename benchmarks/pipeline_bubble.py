@@ -17,8 +17,8 @@ one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -42,26 +42,6 @@ def pipeline_metrics(base_url: str) -> dict[str, float]:
     return values
 
 
-def pin_ranks(cluster: LocalCluster) -> dict[int, int]:
-    """Pin every thread of each rank to its own core (rank r -> core r mod #cores) and this
-    load client to rank 0's core, which also runs the HTTP server: on a host where the ranks
-    share cores with the server and the client, the scheduler otherwise moves the load between
-    them and one stage computes slower than the other, a bubble no batcher can remove (on GPUs
-    each stage owns its device). Returns {rank: core}."""
-    cores = sorted(os.sched_getaffinity(0))
-    pinned = {}
-    for proc in cluster.child_processes():
-        local_rank = proc.environ().get("LOCAL_RANK")
-        if local_rank is None:
-            continue  # the torchrun agent
-        core = cores[int(local_rank) % len(cores)]
-        for thread in proc.threads():
-            os.sched_setaffinity(thread.id, {core})
-        pinned[int(local_rank)] = core
-    os.sched_setaffinity(0, {cores[0]})
-    return pinned
-
-
 def run_policy(model: Path, profile: Path, policy: str, overlap: str, args) -> dict:
     serve_args = ["--policy", args.serve_policy, "--micro-batching", policy, "--pipeline-overlap", overlap, "--block-size", "16",
                   "--max-model-len", str(2 * args.input_len + args.output_len),  # len-jitter 0.5 stays inside
@@ -73,18 +53,17 @@ def run_policy(model: Path, profile: Path, policy: str, overlap: str, args) -> d
     if args.serve_policy == "kunserve":  # the group lives until the burst is served
         serve_args += ["--restore-hold-s", "600"]
     cluster = LocalCluster(model, 2, serve_args, served_model_name="m", log_level="WARNING")
-    client_cores = os.sched_getaffinity(0)
     try:
-        if args.pin_cores:
-            print(f"pinned rank -> core: {pin_ranks(cluster)}, load client on rank 0's core")
-        bench = serve_bench.parse_args([
-            "--base-url", cluster.base_url, "--model", "m", "--num-prompts", str(args.num_prompts),
-            "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--len-jitter", "0.5",
-            "--vocab-size", "300", "--seed", "3"])
-        metrics = serve_bench.run(bench)
-        return {**metrics, "pipeline": pipeline_metrics(cluster.base_url)}
+        with cluster.pinned_to_cores() if args.pin_cores else contextlib.nullcontext() as pinned:
+            if pinned:
+                print(f"pinned rank -> core: {pinned}, load client on rank 0's core")
+            bench = serve_bench.parse_args([
+                "--base-url", cluster.base_url, "--model", "m", "--num-prompts", str(args.num_prompts),
+                "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--len-jitter", "0.5",
+                "--vocab-size", "300", "--seed", "3"])
+            metrics = serve_bench.run(bench)
+            return {**metrics, "pipeline": pipeline_metrics(cluster.base_url)}
     finally:
-        os.sched_setaffinity(0, client_cores)
         cluster.stop()
 
 
@@ -105,7 +84,8 @@ def main() -> None:
                    help="vllm-pp: one static 2-stage pipeline; kunserve: 2 instances that merge into one when "
                         "the burst overloads them (give a small --kv-blocks), measured over the group's steps")
     p.add_argument("--pin-cores", action="store_true",
-                   help="pin each rank to its own core and the load client to rank 0's (see pin_ranks)")
+                   help="pin each rank to its own core and the load client to rank 0's "
+                        "(LocalCluster.pinned_to_cores)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kunserve-bubble-"))
     model = make_tiny_checkpoint(work / "model", hidden_size=args.hidden, intermediate_size=4 * args.hidden,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import pytest
 
@@ -81,9 +82,18 @@ def test_micro_batched_pipeline_is_token_exact_and_reports_bubbles(llama_dir, re
                                        "token_linear": {"alpha": 1e-5, "beta": 1e-4}, "min_tokens": 4}))
         extra += ["--cost-profile", str(profile)]
     cluster = LocalCluster(llama_dir, 2, [*SERVE_ARGS, *extra], served_model_name="tiny")
+    cores = sorted(os.sched_getaffinity(0))
     try:
-        assert asyncio.run(complete_all(cluster.base_url)) == reference
-        metrics = metric_values(httpx.get(f"{cluster.base_url}/metrics").text)
+        with cluster.pinned_to_cores() as pinned:  # as benchmarks/pipeline_bubble.py --pin-cores runs it
+            assert pinned == {0: cores[0], 1: cores[1 % len(cores)]}
+            for proc in cluster.child_processes():
+                rank = proc.environ().get("LOCAL_RANK")
+                if rank is not None:
+                    assert {os.sched_getaffinity(t.id) == {pinned[int(rank)]} for t in proc.threads()} == {True}
+            assert os.sched_getaffinity(0) == {cores[0]}  # the load client, beside rank 0's server
+            assert asyncio.run(complete_all(cluster.base_url)) == reference
+            metrics = metric_values(httpx.get(f"{cluster.base_url}/metrics").text)
+        assert sorted(os.sched_getaffinity(0)) == cores
     finally:
         cluster.stop()
     assert metrics["kunserve_pipeline_steps_total"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -55,6 +56,29 @@ class LocalCluster:
         import psutil
 
         return psutil.Process(self.proc.pid).children(recursive=True)
+
+    @contextlib.contextmanager
+    def pinned_to_cores(self):
+        """Pin every thread of rank r to core r (mod the cores this process may use) and this
+        process (the load client) to rank 0's core, which also runs the HTTP server, until the
+        block exits; yields {rank: core}. Where ranks share a few cores with the server and the
+        client the OS moves the load between them, so one stage computes slower than another
+        and repeated runs differ (on GPUs each rank owns its device)."""
+        cores = sorted(os.sched_getaffinity(0))
+        pinned = {}
+        for proc in self.child_processes():
+            local_rank = proc.environ().get("LOCAL_RANK")
+            if local_rank is None:
+                continue  # the torchrun agent
+            core = cores[int(local_rank) % len(cores)]
+            for thread in proc.threads():  # threads started later inherit their creator's mask
+                os.sched_setaffinity(thread.id, {core})
+            pinned[int(local_rank)] = core
+        os.sched_setaffinity(0, {cores[0]})
+        try:
+            yield pinned
+        finally:
+            os.sched_setaffinity(0, cores)
 
     def stop(self, timeout_s: float = 60) -> tuple[int, str]:
         self.proc.send_signal(signal.SIGTERM)

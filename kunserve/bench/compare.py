@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import threading
@@ -201,13 +202,14 @@ def run_policy(args, model_dir: Path, policy: str, workload_for) -> dict:
     cluster = LocalCluster(model_dir, args.ranks, serve_args(args, policy, model_dir), served_model_name="model",
                            log_level="WARNING")
     try:
-        poller = MetricsPoller(cluster.base_url, args.poll_s)
-        first = parse_prometheus(httpx.get(f"{cluster.base_url}/metrics").text)
-        capacity_tokens = sum(first.get("kv_cache_total_blocks", {}).values()) * args.block_size
-        items = workload_for(capacity_tokens)
-        records, duration = asyncio.run(_load_with_progress(cluster.base_url, "model", items, poller.start))
-        time.sleep(min(args.tail_s, 30))  # watch the restore that follows the load
-        samples = poller.stop()
+        with cluster.pinned_to_cores() if args.pin_cores else contextlib.nullcontext():
+            poller = MetricsPoller(cluster.base_url, args.poll_s)
+            first = parse_prometheus(httpx.get(f"{cluster.base_url}/metrics").text)
+            capacity_tokens = sum(first.get("kv_cache_total_blocks", {}).values()) * args.block_size
+            items = workload_for(capacity_tokens)
+            records, duration = asyncio.run(_load_with_progress(cluster.base_url, "model", items, poller.start))
+            time.sleep(min(args.tail_s, 30))  # watch the restore that follows the load
+            samples = poller.stop()
     finally:
         cluster.stop()
     return {"records": records, "duration_s": duration, "samples": samples, "t0": poller.t0,
@@ -273,6 +275,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tail-s", type=float, default=3.0, help="keep polling this long after the last request")
     p.add_argument("--window-s", type=float, default=0.5, help="timeline window for rates and mean TTFT")
     p.add_argument("--out", default="kunserve-compare")
+    p.add_argument("--pin-cores", action="store_true",
+                   help="pin rank r to core r and the load client to rank 0's core (LocalCluster.pinned_to_cores; "
+                        "on the 2-core VM it slowed these runs and did not make them repeatable: BENCHMARKS.md)")
     add_workload_args(p)
     return p.parse_args(argv)
 
