@@ -17,6 +17,7 @@ import datetime
 import logging
 import os
 import signal
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -97,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pipeline-overlap", default="on", choices=["on", "off"],
                    help="on: a pipeline keeps one step per stage in flight, stepping its requests in "
                         "that many sets (vLLM's virtual engines); off: lockstep, every step drains the pipeline")
+    p.add_argument("--pipeline-step-log", type=Path, default=None, metavar="PATH",
+                   help="append one JSON line per pipeline step (leader, wall and per-rank compute seconds, "
+                        "tokens, micro-batch sizes) to PATH: where a group's bubble sits")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     if args.micro_batching == "lookahead" and args.cost_profile is None:
@@ -210,7 +214,7 @@ def serve_rank0(engine: LLMEngine, world_size: int, group, args: argparse.Namesp
                               OverloadRules(args.restore_fraction, args.restore_hold_s),
                               exchange_chunk_bytes=args.exchange_chunk_bytes, micro_batcher=micro_batcher(args),
                               pipeline_overlap=args.pipeline_overlap == "on")
-    driver = ClusterDriver(engine, world_size, group, args.pipeline_size, drop)
+    driver = ClusterDriver(engine, world_size, group, args.pipeline_size, drop, step_log=args.pipeline_step_log)
     if args.policy == "llumnix":
         driver.migration = MigrationCoordinator(MigrationPlanner(MigrationRules()))
     client = AsyncEngine(driver)

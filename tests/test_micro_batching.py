@@ -81,6 +81,8 @@ def test_micro_batched_pipeline_is_token_exact_and_reports_bubbles(llama_dir, re
                                                       "lambda": COST.lam},
                                        "token_linear": {"alpha": 1e-5, "beta": 1e-4}, "min_tokens": 4}))
         extra += ["--cost-profile", str(profile)]
+    step_log = tmp_path / "steps.jsonl"
+    extra += ["--pipeline-step-log", str(step_log)]
     cluster = LocalCluster(llama_dir, 2, [*SERVE_ARGS, *extra], served_model_name="tiny")
     cores = sorted(os.sched_getaffinity(0))
     try:
@@ -101,3 +103,14 @@ def test_micro_batched_pipeline_is_token_exact_and_reports_bubbles(llama_dir, re
     assert set(idle) == {'kunserve_pipeline_idle_fraction{rank="0"}', 'kunserve_pipeline_idle_fraction{rank="1"}'}
     assert all(0 < v < 1 for v in idle.values())
     assert 0 < metrics["kunserve_pipeline_bubble_fraction"] < 1
+    # the step log holds the very timings the metrics sum: one line per step, same bubble
+    steps = [json.loads(line) for line in step_log.read_text().splitlines()]
+    assert len(steps) == metrics["kunserve_pipeline_steps_total"]
+    assert {s["leader"] for s in steps} == {0} and all(set(s["busy_s"]) == {"0", "1"} for s in steps)
+    assert all(sum(s["micro_batches"]) == s["tokens"] > 0 for s in steps)
+    if batching == "token-budget":
+        assert max(n for s in steps for n in s["micro_batches"]) <= 8  # --micro-batch-tokens 8
+        assert any(len(s["micro_batches"]) > 1 for s in steps)
+    wall = sum(s["wall_s"] for s in steps)
+    busy = sum(b for s in steps for b in s["busy_s"].values())
+    assert 1 - busy / (2 * wall) == pytest.approx(metrics["kunserve_pipeline_bubble_fraction"], rel=1e-6)

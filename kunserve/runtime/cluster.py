@@ -16,7 +16,10 @@ command before computing, so rank 0 computes its own stage meanwhile.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from pathlib import Path
 
 import attrs
 
@@ -39,17 +42,27 @@ log = logging.getLogger(__name__)
 @attrs.define
 class PipelineTime:
     """Pipeline bubbles, from the leaders' step timings: per rank, the wall seconds of its
-    groups' steps and the seconds it computed; the rest it sat idle."""
+    groups' steps and the seconds it computed; the rest it sat idle. With ``step_log`` (serve's
+    ``--pipeline-step-log``) every timing is also appended to that file as one JSON line, to see
+    which steps the idle time sits in (a step's wall runs from the previous result, so with steps
+    overlapped part of a step's compute lands in its neighbour's wall; sums over a run agree)."""
 
     wall: dict[int, float] = attrs.Factory(dict)
     busy: dict[int, float] = attrs.Factory(dict)
     steps: int = 0
+    step_log: Path | None = None
 
     def record(self, timing: StepTiming) -> None:
         self.steps += 1
         for rank, seconds in timing.busy.items():
             self.wall[rank] = self.wall.get(rank, 0.0) + timing.wall
             self.busy[rank] = self.busy.get(rank, 0.0) + seconds
+        if self.step_log is not None:
+            line = {"time": time.time(), "leader": timing.leader, "wall_s": timing.wall,
+                    "busy_s": {str(r): s for r, s in timing.busy.items()}, "tokens": timing.tokens,
+                    "micro_batches": list(timing.micro_batches)}
+            with open(self.step_log, "a") as f:
+                f.write(json.dumps(line) + "\n")
 
     def metrics(self) -> dict:
         if not self.steps:
@@ -72,7 +85,7 @@ class ClusterDriver:
     migration: MigrationCoordinator | None = None
 
     def __init__(self, local_engine: LLMEngine, world_size: int = 1, group=None, pipeline_size: int = 1,
-                 drop: DropController | None = None):
+                 drop: DropController | None = None, step_log: Path | None = None):
         if world_size % pipeline_size:
             raise ValueError(f"world size {world_size} is not a multiple of pipeline size {pipeline_size}")
         self.local = local_engine
@@ -86,7 +99,7 @@ class ClusterDriver:
         self._new: dict[int, list[NewRequest]] = {i: [] for i in self.instance_rank if i}
         self._aborts: dict[int, list[str]] = {i: [] for i in self.instance_rank if i}
         self.failed_steps = 0
-        self.pipeline_time = PipelineTime()
+        self.pipeline_time = PipelineTime(step_log=step_log)
         self.local_state = RankState(local_engine, 0, 0, None, always_step=pipeline_size > 1)
         self.drop = drop
         self._merges: dict[int, MergeOrder | SplitOrder] = {}  # rank -> regrouping it runs next step

@@ -181,6 +181,7 @@ class _Launched:
     plan: SchedulerOutput
     sends: PendingSends
     started: float
+    micro_batch_tokens: tuple[int, ...]
 
 
 class PipelineRunner:
@@ -260,7 +261,8 @@ class PipelineRunner:
             timer.end(start)
             sends.add(dist.isend(hidden, nxt, group=data), hidden)  # the next stage starts now
         sends.send_object({self.rank: timer.total()}, nxt, control, PIPELINE_TAG)
-        self._in_flight.append(_Launched(plan, sends, started))
+        sizes = tuple(sum(c.num_tokens for c in mb) for mb in step.micro_batches)
+        self._in_flight.append(_Launched(plan, sends, started, sizes))
 
     @torch.inference_mode()
     def collect(self) -> tuple[SchedulerOutput, dict[str, int]]:
@@ -274,7 +276,8 @@ class PipelineRunner:
             # wall: since the previous result while steps with work follow each other (host work
             # between steps is idle time for every stage, overlapped or not), else since launch
             since = self._last_collected if self._streak else launched.started
-            self.timings.append(StepTiming(now - since, result.busy))
+            sizes = launched.micro_batch_tokens
+            self.timings.append(StepTiming(now - since, result.busy, self.rank, sum(sizes), sizes))
         self._streak, self._last_collected = has_work, now
         return launched.plan, {**result.tokens, **self._sample_rows(launched.plan, result.logits)}
 

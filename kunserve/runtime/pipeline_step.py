@@ -65,6 +65,9 @@ class StepTiming:
 
     wall: float
     busy: dict[int, float]
+    leader: int = 0
+    tokens: int = 0  # the step's tokens, and those of each of its micro-batches in order
+    micro_batches: tuple[int, ...] = ()
 
 
 def form_micro_batches(plan: SchedulerOutput, batcher) -> tuple[tuple[StageChunk, ...], ...]:
