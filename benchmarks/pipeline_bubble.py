@@ -50,6 +50,9 @@ def run_policy(model: Path, profile: Path, policy: str, overlap: str, args) -> d
         serve_args += ["--micro-batch-tokens", str(args.budget // 2)]
     if policy == "lookahead":
         serve_args += ["--cost-profile", str(profile)]
+    if args.step_log_dir is not None:
+        args.step_log_dir.mkdir(parents=True, exist_ok=True)
+        serve_args += ["--pipeline-step-log", str(args.step_log_dir / f"{policy}-overlap-{overlap}.jsonl")]
     if args.serve_policy == "kunserve":  # the group lives until the burst is served
         serve_args += ["--restore-hold-s", "600"]
     cluster = LocalCluster(model, 2, serve_args, served_model_name="m", log_level="WARNING")
@@ -83,6 +86,8 @@ def main() -> None:
     p.add_argument("--serve-policy", default="vllm-pp", choices=["vllm-pp", "kunserve"],
                    help="vllm-pp: one static 2-stage pipeline; kunserve: 2 instances that merge into one when "
                         "the burst overloads them (give a small --kv-blocks), measured over the group's steps")
+    p.add_argument("--step-log-dir", type=Path, default=None,
+                   help="write each run's --pipeline-step-log (one JSON line per group step) into this folder")
     p.add_argument("--pin-cores", action="store_true",
                    help="pin each rank to its own core and the load client to rank 0's "
                         "(LocalCluster.pinned_to_cores)")
