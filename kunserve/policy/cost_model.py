@@ -121,12 +121,16 @@ class BatchShape:
                           max(self.max_context, other.max_context), self.multi or other.multi)
 
 
-class _JsonModel:
-    """JSON files of a model: the model's own dict, or a profile holding it under
-    ``PROFILE_KEY``. Needs ``to_dict`` / ``from_dict(data, source, where)``."""
+class _FittedModel:
+    """What both fitted models share: their error on samples and their JSON files (the model's
+    own dict, or a profile holding it under ``PROFILE_KEY``). Needs ``batch_cost``, ``to_dict``
+    and ``from_dict(data, source, where)``."""
 
     __slots__ = ()
     PROFILE_KEY: str
+
+    def mean_relative_error(self, samples: Iterable) -> float:
+        return mean_relative_error(self.batch_cost, samples)
 
     def to_json(self, path: str | Path) -> None:
         _write_json(path, self.to_dict())
@@ -140,7 +144,7 @@ class _JsonModel:
 
 
 @attrs.frozen
-class CostModel(_JsonModel):
+class CostModel(_FittedModel):
     """Seconds of one forward pass; see the module docstring for the terms."""
 
     a: float = attrs.field(validator=_non_negative_float)  # per query x prefix token
@@ -233,9 +237,6 @@ class CostModel(_JsonModel):
         (w, _error), knee = min(fits, key=lambda fitted: fitted[0][1])
         return _batch_terms_model(w, prefix_read, knee, context)
 
-    def mean_relative_error(self, samples: Iterable) -> float:
-        return mean_relative_error(self.batch_cost, samples)
-
     def to_dict(self) -> dict:
         return {"form": "a*c*p + b*c^2 + f*c + d + g*p per chunk, minus (k-1)*lambda per batch, plus "
                         "floor*max(0, 1 - T/knee_tokens) (T = batch tokens), plus max(0, h*C - attention) "
@@ -258,7 +259,7 @@ class CostModel(_JsonModel):
 
 
 @attrs.frozen
-class TokenLinearModel(_JsonModel):
+class TokenLinearModel(_FittedModel):
     """Seconds of one forward pass as ``alpha`` per token plus ``beta`` per batch."""
 
     alpha: float = attrs.field(validator=_non_negative_float)
@@ -281,9 +282,6 @@ class TokenLinearModel(_JsonModel):
     @classmethod
     def fit(cls, samples: Iterable) -> "TokenLinearModel":
         return cls(*_fit_relative(cls.features, samples))
-
-    def mean_relative_error(self, samples: Iterable) -> float:
-        return mean_relative_error(self.batch_cost, samples)
 
     def to_dict(self) -> dict:
         return {"form": "alpha*sum(c) + beta; seconds", "alpha": self.alpha, "beta": self.beta}
