@@ -241,6 +241,12 @@ def main(argv=None) -> None:
                          f"(got {args.pipeline_size})")
     if world_size % args.pipeline_size:
         raise SystemExit(f"--pipeline-size {args.pipeline_size} must divide the number of ranks ({world_size})")
+    if rank == 0 and args.pipeline_step_log is not None:  # fail now, not at the first pipeline step
+        try:
+            args.pipeline_step_log.open("a").close()
+        except OSError as e:
+            raise SystemExit(f"--pipeline-step-log {args.pipeline_step_log}: cannot append to it ({e.strerror}); "
+                             f"give a file in an existing, writable folder") from None
     device = rank_device(args.device)
     group = init_cluster(world_size, device)
     engine = LLMEngine(engine_config(args, device, stage_layers(args, rank)))

@@ -114,3 +114,10 @@ def test_micro_batched_pipeline_is_token_exact_and_reports_bubbles(llama_dir, re
     wall = sum(s["wall_s"] for s in steps)
     busy = sum(b for s in steps for b in s["busy_s"].values())
     assert 1 - busy / (2 * wall) == pytest.approx(metrics["kunserve_pipeline_bubble_fraction"], rel=1e-6)
+
+
+def test_serve_refuses_a_step_log_it_cannot_write(tmp_path):
+    from kunserve import serve
+
+    with pytest.raises(SystemExit, match="--pipeline-step-log .*cannot append to it"):
+        serve.main(["--model", "unused", "--pipeline-step-log", str(tmp_path / "missing" / "steps.jsonl")])
