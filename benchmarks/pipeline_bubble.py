@@ -47,7 +47,7 @@ def run_policy(model: Path, profile: Path, policy: str, overlap: str, args) -> d
                   "--max-model-len", str(2 * args.input_len + args.output_len),  # len-jitter 0.5 stays inside
                   "--max-num-batched-tokens", str(args.budget), "--num-kv-blocks", str(args.kv_blocks)]
     if policy == "token-budget":
-        serve_args += ["--micro-batch-tokens", str(args.budget // 2)]
+        serve_args += ["--micro-batch-tokens", str(args.micro_batch_tokens or args.budget // 2)]
     if policy == "lookahead":
         serve_args += ["--cost-profile", str(profile)]
     if args.step_log_dir is not None:
@@ -79,6 +79,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--budget", type=int, default=2048, help="--max-num-batched-tokens of the group")
     p.add_argument("--kv-blocks", type=int, default=2048)
+    p.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="token-budget's micro-batch size (default: half of --budget)")
     p.add_argument("--profile", type=Path, default=None, help="reuse a profile JSON instead of profiling")
     p.add_argument("--overlap", nargs="+", default=["on", "off"], choices=["on", "off"],
                    help="--pipeline-overlap settings to run (on: steps in flight across stages; off: lockstep)")
