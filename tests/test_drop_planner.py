@@ -98,3 +98,55 @@ def test_every_plan_keeps_one_full_copy_per_group(n, layers, required, max_size)
     if not plan.satisfied:  # failure only when no further merge is allowed
         sizes = sorted(g.size for g in plan.groups)
         assert len(sizes) < 2 or sizes[0] + sizes[1] > min(layers, max_size or layers)
+
+
+def _heap_reference(groups, layout, required, max_size, prefer=frozenset()):
+    """The paper's greedy plan with a plain min-heap: pop the two smallest (size, then groups
+    with a preferred member, then lowest id), merge while the requirement is not met."""
+    import heapq
+
+    limit = min(max_size or layout.num_layers, layout.num_layers)
+
+    heap = [((g.size, prefer.isdisjoint(g.members), min(g.members)), (g,)) for g in groups]
+    heapq.heapify(heap)
+    freed, merges = 0, []
+    while len(heap) >= 2 and freed < required:
+        (ka, a), (kb, b) = heapq.heappop(heap), heapq.heappop(heap)
+        if ka[0] + kb[0] > limit:
+            heapq.heappush(heap, (ka, a))
+            heapq.heappush(heap, (kb, b))
+            break
+        heapq.heappush(heap, ((ka[0] + kb[0], *min(ka[1:], kb[1:])), a + b))  # the lower (preference, id)
+        freed += layout.total_bytes
+    merged = sorted(tuple(m for g in parts for m in g.members) for _, parts in heap if len(parts) > 1)
+    return merged, freed
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.lists(st.integers(1, 3), min_size=1, max_size=60), required_copies=st.integers(0, 70),
+       max_size=st.one_of(st.none(), st.integers(1, 8)), prefer=st.sets(st.integers(0, 80), max_size=10))
+def test_bulk_merges_give_the_min_heap_plan(sizes, required_copies, max_size, prefer):
+    # groups of mixed sizes (held layers as a merge left them), some preferred: the planner's
+    # bulk runs and one-at-a-time merges together make exactly the min-heap's merges
+    layers = 8
+    groups, next_id = [], 0
+    for size in sizes:
+        members = tuple(range(next_id, next_id + size))
+        next_id += size
+        groups.append(Group(members, balanced_cuts(layers, size)))
+    layout = WeightLayout(layer_bytes=(10,) * layers, embed_bytes=3, head_bytes=4)
+    required = required_copies * layout.total_bytes
+    plan = GreedyDropPlanner(layout, max_size).plan(groups, required, frozenset(prefer))
+    expected, freed = _heap_reference(groups, layout, required, max_size, frozenset(prefer))
+    got = sorted(tuple(m for g in parts for m in g.members) for parts in plan.sources)
+    assert got == expected
+    assert plan.total_freed_bytes == freed
+
+
+def test_bulk_merges_at_scale_match_the_min_heap_plan():
+    layout = WeightLayout(layer_bytes=(10,) * 48, embed_bytes=3, head_bytes=4)
+    groups = singles(3000, 48)
+    for copies in (0, 1, 299, 1500, 2625, 3000):
+        plan = GreedyDropPlanner(layout, 8).plan(groups, copies * layout.total_bytes, frozenset(range(0, 3000, 7)))
+        expected, _ = _heap_reference(groups, layout, copies * layout.total_bytes, 8, frozenset(range(0, 3000, 7)))
+        assert sorted(tuple(m for g in parts for m in g.members) for parts in plan.sources) == expected
