@@ -150,3 +150,22 @@ def test_bulk_merges_at_scale_match_the_min_heap_plan():
         plan = GreedyDropPlanner(layout, 8).plan(groups, copies * layout.total_bytes, frozenset(range(0, 3000, 7)))
         expected, _ = _heap_reference(groups, layout, copies * layout.total_bytes, 8, frozenset(range(0, 3000, 7)))
         assert sorted(tuple(m for g in parts for m in g.members) for parts in plan.sources) == expected
+
+
+def test_bulk_merge_of_merged_entries_stops_where_the_initial_front_comes_first():
+    from collections import deque
+
+    from kunserve.policy import drop
+
+    def entry(size, lowest):
+        return ((size << drop._SIZE_SHIFT) | (1 << drop._PREF_SHIFT) | lowest, ())
+
+    initial = [entry(2, 5)]
+    # the merged front's first entry has a larger key than the initial front: the two-queue rule
+    # takes the initial entry first, so no run may start here (its second entry's key is smaller)
+    merged = deque([entry(2, 9), entry(2, 1), entry(2, 2), entry(2, 3)])
+    assert drop._bulk_merged(initial, 0, merged, left=10, max_size=8) is None
+    assert len(merged) == 4
+    merged = deque([entry(2, 1), entry(2, 2), entry(2, 3), entry(2, 4), entry(2, 6), entry(2, 7)])
+    assert drop._bulk_merged(initial, 0, merged, left=10, max_size=8) == (0, 2)  # stops before id 6
+    assert [e[0] & drop._ID_MASK for e in merged] == [(1 << drop._PREF_SHIFT) | i for i in (6, 7, 1, 3)]

@@ -263,10 +263,10 @@ def _bulk_initial(initial: list, i: int, merged: deque, left: int, max_size: int
         front = _pair(initial[i], initial[i + 1])[0]
     end = bisect.bisect_right(initial, front, lo=i, key=_key)  # entries with key <= front
     pairs = min((end - i) // 2, left)
+    # sizes grow along `initial`, so a run's last pair is its largest: shorten the run until it fits
+    while pairs >= 2 and (initial[i + 2 * pairs - 2][0] >> _SIZE_SHIFT) + (initial[i + 2 * pairs - 1][0] >> _SIZE_SHIFT) > max_size:
+        pairs //= 2
     if pairs < 2:
-        return None
-    last = initial[i + 2 * pairs - 2][0] >> _SIZE_SHIFT, initial[i + 2 * pairs - 1][0] >> _SIZE_SHIFT
-    if sum(last) > max_size:  # sizes grow along `initial`: the last pair is the largest
         return None
     run = initial[i:i + 2 * pairs]
     merged.extend(_pairs(run))
@@ -275,20 +275,20 @@ def _bulk_initial(initial: list, i: int, merged: deque, left: int, max_size: int
 
 def _bulk_merged(initial: list, i: int, merged: deque, left: int, max_size: int) -> tuple[int, int] | None:
     """Merge the entries now in ``merged`` pairwise from its front while the two-queue rule
-    would take both of each pair from there (every one of them has a key below the initial
-    front's); the new entries go to its back, after them: (0, merges) or None."""
-    pairs = min(len(merged) // 2, left)
+    would take both of each pair from there (both keys below the initial front's) and the pair
+    fits; the new entries go to its back, after them: (0, merges) or None."""
+    limit = min(len(merged) // 2, left)
+    if limit < 2:
+        return None
+    head = initial[i][0] if i < len(initial) else None
+    pairs = 0  # pairs at the front that the rule takes from `merged` and that fit (sizes never fall along it)
+    for a, b in itertools.islice(zip(*[iter(merged)] * 2), limit):
+        if (head is not None and max(a[0], b[0]) >= head) or (a[0] >> _SIZE_SHIFT) + (b[0] >> _SIZE_SHIFT) > max_size:
+            break
+        pairs += 1
     if pairs < 2:
         return None
-    if i < len(initial):
-        head = initial[i][0]
-        pairs = min(pairs, sum(1 for _ in itertools.takewhile(lambda e: e[0] < head, merged)) // 2)
-        if pairs < 2:
-            return None
     run = [merged.popleft() for _ in range(2 * pairs)]
-    if any((a[0] >> _SIZE_SHIFT) + (b[0] >> _SIZE_SHIFT) > max_size for a, b in zip(run[0::2], run[1::2])):
-        merged.extendleft(reversed(run))  # leave the order as it was; the one-at-a-time path stops there
-        return None
     merged.extend(_pairs(run))
     return 0, pairs
 
