@@ -71,31 +71,25 @@ class ForwardHarness:
         from kunserve.runtime.scheduler import SchedulerOutput
 
         inputs = prepare_inputs(SchedulerOutput(tuple(scheduled)), manager, self.device)
-        caches = self.kv_cache.by_layer()
-
-        @torch.inference_mode()
-        def run() -> None:
-            hidden = self.model(inputs.input_ids, inputs.positions, caches, inputs.meta)  # [T, hidden]
-            self.model.compute_logits(hidden[inputs.logits_indices])  # [k, vocab]
-        return run
+        return self._forward(inputs.input_ids, inputs.positions, inputs.meta, inputs.logits_indices)
 
     def _gpu_step(self, scheduled, manager) -> Callable[[], None]:
         """The engine's eager CUDA step (``CudaPath._eager_logits``) without the host part."""
-        from kunserve.runtime import gpu_inputs, triton_attention
+        from kunserve.runtime import gpu_inputs
 
         cfg = self.config
-        step = gpu_inputs.HostStep.build(scheduled, manager)
-        num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        splits = triton_attention.decode_splits(step.num_seqs, cfg.num_kv_heads,
-                                                int(step.context_lens.max()), num_sms)
-        query_tile = triton_attention.query_tile_for(cfg.num_heads, cfg.num_kv_heads)
-        dev = gpu_inputs.upload(step, self.device, self.block_size, query_tile, splits)
+        dev = gpu_inputs.upload_eager(gpu_inputs.HostStep.build(scheduled, manager), self.device, self.block_size,
+                                      cfg.num_heads, cfg.num_kv_heads)
+        return self._forward(dev.ids, dev.positions, dev.meta, dev.logits_rows)
+
+    def _forward(self, ids, positions, meta, rows) -> Callable[[], None]:
+        """The timed work: the forward over inputs already on the device, plus the logits."""
         caches = self.kv_cache.by_layer()
 
         @torch.inference_mode()
         def run() -> None:
-            hidden = self.model(dev.ids, dev.positions, caches, dev.meta)  # [T, hidden]
-            self.model.compute_logits(hidden[dev.logits_rows])  # [k, vocab]
+            hidden = self.model(ids, positions, caches, meta)  # [T, hidden]
+            self.model.compute_logits(hidden[rows])  # [k, vocab]
         return run
 
     def sync(self) -> None:

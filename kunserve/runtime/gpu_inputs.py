@@ -206,12 +206,19 @@ def stage_step(pieces, block_manager: BlockManager, device: torch.device, num_he
     instance's eager path): ``pieces`` have ``request_id``, ``start``, ``num_tokens`` and
     ``completes`` (``pipeline_step.StageChunk``), their blocks already allocated on this member.
     Its ``ids`` are zeros: a stage's input is hidden states, or token ids stage 0 passes itself."""
-    from kunserve.runtime.triton_attention import decode_splits, query_tile_for  # CUDA only
-
     step = HostStep.from_pieces([c.request_id for c in pieces], [c.start for c in pieces],
                                 [c.num_tokens for c in pieces], [c.completes for c in pieces], None, block_manager)
+    return upload_eager(step, device, block_manager.block_size, num_heads, num_kv_heads)
+
+
+def upload_eager(step: HostStep, device: torch.device, block_size: int, num_heads: int,
+                 num_kv_heads: int) -> DeviceStep:
+    """``upload`` with the Triton kernels' tiling for this step's shape (an eager forward: a
+    pipeline stage's micro-batch, or a profiled batch)."""
+    from kunserve.runtime.triton_attention import decode_splits, query_tile_for  # CUDA only
+
     splits = decode_splits(step.num_seqs, num_kv_heads, int(step.context_lens.max()), _num_sms(device))
-    return upload(step, device, block_manager.block_size, query_tile_for(num_heads, num_kv_heads), splits)
+    return upload(step, device, block_size, query_tile_for(num_heads, num_kv_heads), splits)
 
 
 @functools.cache

@@ -78,10 +78,15 @@ class Request:
         return len(self.token_ids) - self.num_computed_tokens
 
     @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens computed or in a step in flight: where the next chunk starts."""
+        return self.num_computed_tokens + self.num_in_flight_tokens
+
+    @property
     def num_unscheduled_tokens(self) -> int:
         """Tokens no step has been given yet: 0 while the chunk that samples the next token is
         in flight (that token is not known before its result is applied)."""
-        return len(self.token_ids) - self.num_computed_tokens - self.num_in_flight_tokens
+        return len(self.token_ids) - self.num_scheduled_tokens
 
     def append_token(self, token_id: int, now: float) -> None:
         self.token_ids.append(token_id)

@@ -161,8 +161,7 @@ class Scheduler:
             if request.virtual_engine == virtual_engine or request.num_unscheduled_tokens < 2:
                 continue
             num_tokens = min(request.num_unscheduled_tokens, budget)
-            end = request.num_computed_tokens + request.num_in_flight_tokens + num_tokens
-            if not self.block_manager.can_allocate(request.request_id, end):
+            if not self.block_manager.can_allocate(request.request_id, request.num_scheduled_tokens + num_tokens):
                 return budget, True
             chunks.append(self._admit_chunk(request, num_tokens))
             budget -= num_tokens
@@ -202,7 +201,7 @@ class Scheduler:
                    virtual_engine: int | None = None) -> bool:
         """Preempt newest requests (of ``virtual_engine``'s set) until ``request`` can grow;
         False if it was preempted."""
-        target = request.num_computed_tokens + request.num_in_flight_tokens + num_tokens
+        target = request.num_scheduled_tokens + num_tokens
         while not self.block_manager.can_allocate(request.request_id, target):
             victim = self._pop_newest(virtual_engine)
             if not (self.preemption.swaps and self._swap_out_victim(victim)):
@@ -284,7 +283,7 @@ class Scheduler:
             self.host_pool.free(host_blocks)
 
     def _admit_chunk(self, request: Request, num_tokens: int) -> ScheduledChunk:
-        start = request.num_computed_tokens + request.num_in_flight_tokens
+        start = request.num_scheduled_tokens
         self.block_manager.allocate(request.request_id, start + num_tokens)
         if request.metrics.first_scheduled_time is None:
             request.metrics.first_scheduled_time = time.time()
